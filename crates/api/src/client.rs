@@ -1,0 +1,287 @@
+//! Blocking client of the control API, for the CLI and the test harness.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+
+use crate::types::{ErrorBody, ResizeVirtioMemBody, VmInfo};
+
+/// How long a request may take unless [`ApiClient::with_timeout`] says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Largest response body the client reads.
+const MAX_RESPONSE_BODY_BYTES: usize = 1024 * 1024;
+
+/// Errors of talking to the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nobody answers on the socket (missing file, refused, no permission).
+    #[error("cannot connect to API socket {path}: {reason}")]
+    Connect {
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        reason: io::Error,
+    },
+    /// The server answered with an error status.
+    #[error("API request failed with HTTP {status}: {message}")]
+    Api {
+        /// HTTP status code (4xx or 5xx).
+        status: u16,
+        /// The server's error message.
+        message: String,
+    },
+    /// The HTTP exchange broke off.
+    #[error("HTTP exchange over API socket {path} failed: {reason}")]
+    Http {
+        /// Socket path.
+        path: PathBuf,
+        /// What hyper reported.
+        reason: hyper::Error,
+    },
+    /// The server did not answer in time.
+    #[error("no answer from API socket {path} within {timeout:?}")]
+    Timeout {
+        /// Socket path.
+        path: PathBuf,
+        /// The time allowed.
+        timeout: Duration,
+    },
+    /// The server's answer could not be understood.
+    #[error("invalid response from API socket {path}: {detail}")]
+    InvalidResponse {
+        /// Socket path.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The request could not be built (bad method, path or device id).
+    #[error("invalid API request: {detail}")]
+    InvalidRequest {
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The client's tokio runtime could not be started.
+    #[error("cannot start the API client runtime: {reason}")]
+    Runtime {
+        /// OS error.
+        reason: io::Error,
+    },
+}
+
+/// Blocking client of the API socket. Each call opens its own connection.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    socket_path: PathBuf,
+    timeout: Duration,
+}
+
+impl ApiClient {
+    /// A client of the API socket at `socket_path`. Does not connect yet.
+    pub fn new(socket_path: impl Into<PathBuf>) -> ApiClient {
+        ApiClient {
+            socket_path: socket_path.into(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// The same client with another per-request timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> ApiClient {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Path of the socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// `GET /vm/info`.
+    pub fn vm_info(&self) -> Result<VmInfo, ClientError> {
+        let body = self.call_expecting_success("GET", "/vm/info", None)?;
+        serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
+    }
+
+    /// `PUT /vm/shutdown`.
+    pub fn shutdown(&self) -> Result<(), ClientError> {
+        self.call_expecting_success("PUT", "/vm/shutdown", None)
+            .map(drop)
+    }
+
+    /// `PUT /vm/reboot`.
+    pub fn reboot(&self) -> Result<(), ClientError> {
+        self.call_expecting_success("PUT", "/vm/reboot", None)
+            .map(drop)
+    }
+
+    /// `PUT /vm/virtio-mem/{id}`: ask the guest to have `requested_size_bytes`
+    /// plugged from device `id`.
+    pub fn resize_virtio_mem(
+        &self,
+        id: &str,
+        requested_size_bytes: u64,
+    ) -> Result<(), ClientError> {
+        let id_is_path_safe = !id.is_empty()
+            && id
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'));
+        if !id_is_path_safe {
+            return Err(ClientError::InvalidRequest {
+                detail: format!("invalid virtio-mem device id {id:?}"),
+            });
+        }
+        let body = ResizeVirtioMemBody {
+            requested_size: requested_size_bytes,
+        };
+        let json = serde_json::to_vec(&body).map_err(|error| ClientError::InvalidRequest {
+            detail: error.to_string(),
+        })?;
+        self.call_expecting_success("PUT", &format!("/vm/virtio-mem/{id}"), Some(json))
+            .map(drop)
+    }
+
+    /// Send any request with an optional JSON body; returns the HTTP status
+    /// and the response body, whatever the status. An empty body is `Null`,
+    /// a body that is not JSON is returned as a `String`.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value), ClientError> {
+        let body = body
+            .map(|value| serde_json::to_vec(&value))
+            .transpose()
+            .map_err(|error| ClientError::InvalidRequest {
+                detail: error.to_string(),
+            })?;
+        self.call_raw(method, path, body.as_deref())
+    }
+
+    /// Like [`ApiClient::call`], with the body sent as given, byte for byte
+    /// (to test how the server treats malformed requests).
+    pub fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<(u16, serde_json::Value), ClientError> {
+        let (status, body) = self.exchange(method, path, body.map(<[u8]>::to_vec))?;
+        Ok((status, body_to_value(&body)))
+    }
+
+    fn call_expecting_success(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<Bytes, ClientError> {
+        let (status, body) = self.exchange(method, path, body)?;
+        if (200..300).contains(&status) {
+            return Ok(body);
+        }
+        let message = match serde_json::from_slice::<ErrorBody>(&body) {
+            Ok(error_body) => error_body.error,
+            Err(_) => String::from_utf8_lossy(&body).trim().to_owned(),
+        };
+        Err(ClientError::Api { status, message })
+    }
+
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let request = build_request(method, path, body)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|reason| ClientError::Runtime { reason })?;
+        runtime.block_on(async {
+            tokio::time::timeout(self.timeout, self.exchange_async(request))
+                .await
+                .unwrap_or_else(|_elapsed| {
+                    Err(ClientError::Timeout {
+                        path: self.socket_path.clone(),
+                        timeout: self.timeout,
+                    })
+                })
+        })
+    }
+
+    async fn exchange_async(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let stream = tokio::net::UnixStream::connect(&self.socket_path)
+            .await
+            .map_err(|reason| ClientError::Connect {
+                path: self.socket_path.clone(),
+                reason,
+            })?;
+        let http_error = |reason| ClientError::Http {
+            path: self.socket_path.clone(),
+            reason,
+        };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http_error)?;
+        // The connection task ends with the response or with the runtime.
+        tokio::spawn(connection);
+        let response = sender.send_request(request).await.map_err(http_error)?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY_BYTES)
+            .collect()
+            .await
+            .map_err(|error| self.invalid_response(format!("cannot read the body: {error}")))?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    fn invalid_response(&self, detail: String) -> ClientError {
+        ClientError::InvalidResponse {
+            path: self.socket_path.clone(),
+            detail,
+        }
+    }
+}
+
+fn build_request(
+    method: &str,
+    path: &str,
+    body: Option<Vec<u8>>,
+) -> Result<Request<Full<Bytes>>, ClientError> {
+    let invalid = |detail: String| ClientError::InvalidRequest { detail };
+    let method = Method::from_bytes(method.as_bytes())
+        .map_err(|_| invalid(format!("invalid HTTP method {method:?}")))?;
+    if !path.starts_with('/') {
+        return Err(invalid(format!("path {path:?} does not start with '/'")));
+    }
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        // HTTP/1.1 requires a Host; a Unix socket has no host name.
+        .header(HOST, "localhost");
+    if body.is_some() {
+        builder = builder.header(CONTENT_TYPE, "application/json");
+    }
+    builder
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))
+        .map_err(|error| invalid(format!("cannot build request for {path:?}: {error}")))
+}
+
+fn body_to_value(body: &[u8]) -> serde_json::Value {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(body)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(body).into_owned()))
+}

@@ -1,0 +1,687 @@
+//! HTTP/1.1 server of the control API on a Unix socket.
+//!
+//! Requests are parsed and validated here; only well-formed [`ApiRequest`]s
+//! reach the VMM's [`RequestHandler`]. The server runs a single-threaded tokio
+//! runtime on its own thread so that it costs little memory and never blocks
+//! the VMM.
+
+use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Deserialize;
+use tokio::sync::Notify;
+
+use crate::types::{
+    ApiError, ApiRequest, ApiResponse, ErrorBody, RequestHandler, ResizeVirtioMemBody,
+};
+
+/// Largest request body the server reads; larger ones get HTTP 413.
+pub const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
+
+/// How long a client may take to send the request headers or the body.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; more are closed right away so that a misbehaving
+/// client cannot make the VMM's memory footprint grow.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the accept
+/// loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Longest virtio-mem device id accepted in a path.
+const MAX_DEVICE_ID_LEN: usize = 64;
+
+/// Every route of the API as (method, path template). The OpenAPI document
+/// must list exactly these; a unit test checks it.
+pub(crate) const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/vm/info"),
+    ("PUT", "/vm/shutdown"),
+    ("PUT", "/vm/reboot"),
+    ("PUT", "/vm/virtio-mem/{id}"),
+];
+
+/// Errors of binding and running the API server.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiServerError {
+    /// The directory that should hold the socket does not exist.
+    #[error("cannot create API socket {path}: directory {dir} does not exist")]
+    ParentDirMissing {
+        /// Socket path.
+        path: PathBuf,
+        /// Its missing parent directory.
+        dir: PathBuf,
+    },
+    /// Another process serves on the socket path.
+    #[error("API socket {path} is already in use by another process")]
+    AlreadyInUse {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// Something that is not a socket is at the socket path; it is left alone.
+    #[error("cannot create API socket {path}: the path exists and is not a socket")]
+    NotASocket {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// Checking whether an existing socket is still served failed.
+    #[error("cannot check whether API socket {path} is in use: {reason}")]
+    Probe {
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        reason: io::Error,
+    },
+    /// A stale socket file could not be removed.
+    #[error("cannot remove stale API socket {path}: {reason}")]
+    RemoveStale {
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        reason: io::Error,
+    },
+    /// Binding the socket failed.
+    #[error("cannot bind API socket {path}: {reason}")]
+    Bind {
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        reason: io::Error,
+    },
+    /// `spawn` was called twice, or after `shutdown`.
+    #[error("API server on {path} is already serving or was shut down")]
+    NotListening {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// The tokio runtime or the server thread could not be started.
+    #[error("cannot start the API server on {path}: {reason}")]
+    Start {
+        /// Socket path.
+        path: PathBuf,
+        /// OS error.
+        reason: io::Error,
+    },
+}
+
+/// A bound API socket. Serve it with [`ApiServer::spawn`].
+///
+/// Dropping the server, or calling [`ApiServer::shutdown`], stops serving and
+/// removes the socket file. `std::process::exit` runs no destructors, so a VMM
+/// that exits that way should call `shutdown` first (the server is `Sync`: keep
+/// it in an `Arc` to reach it from wherever the VMM exits).
+#[derive(Debug)]
+pub struct ApiServer {
+    socket_path: PathBuf,
+    /// Device and inode of the socket file we created, so that cleanup never
+    /// removes a socket that another process bound at the same path later.
+    socket_identity: (u64, u64),
+    /// Taken by `spawn` (or dropped by `shutdown`).
+    listener: Mutex<Option<UnixListener>>,
+    stop: Arc<Notify>,
+    socket_removed: AtomicBool,
+}
+
+impl ApiServer {
+    /// Bind the API socket at `path`.
+    ///
+    /// A stale socket file (nobody listening) is replaced; a socket that
+    /// another process still serves is an error, as is anything at `path`
+    /// that is not a socket.
+    pub fn bind(path: &Path) -> Result<ApiServer, ApiServerError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() && !dir.is_dir() {
+                return Err(ApiServerError::ParentDirMissing {
+                    path: path.to_owned(),
+                    dir: dir.to_owned(),
+                });
+            }
+        }
+        remove_stale_socket(path)?;
+        let listener = UnixListener::bind(path).map_err(|reason| {
+            if reason.kind() == io::ErrorKind::AddrInUse {
+                // Another process bound the path between our check and bind.
+                ApiServerError::AlreadyInUse {
+                    path: path.to_owned(),
+                }
+            } else {
+                ApiServerError::Bind {
+                    path: path.to_owned(),
+                    reason,
+                }
+            }
+        })?;
+        let metadata = std::fs::symlink_metadata(path).map_err(|reason| ApiServerError::Bind {
+            path: path.to_owned(),
+            reason,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|reason| ApiServerError::Bind {
+                path: path.to_owned(),
+                reason,
+            })?;
+        Ok(ApiServer {
+            socket_path: path.to_owned(),
+            socket_identity: (metadata.dev(), metadata.ino()),
+            listener: Mutex::new(Some(listener)),
+            stop: Arc::new(Notify::new()),
+            socket_removed: AtomicBool::new(false),
+        })
+    }
+
+    /// Path of the socket.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket_path
+    }
+
+    /// Serve requests on a new thread named `tidevm-api` until
+    /// [`ApiServer::shutdown`] or drop. Can be called once.
+    pub fn spawn(
+        &self,
+        handler: Arc<dyn RequestHandler>,
+    ) -> Result<JoinHandle<()>, ApiServerError> {
+        let start_error = |reason| ApiServerError::Start {
+            path: self.socket_path.clone(),
+            reason,
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            // Handlers wait on the VMM's control loop, which serves one request
+            // at a time anyway; more threads would only cost memory.
+            .max_blocking_threads(2)
+            .thread_name("tidevm-api-handler")
+            .build()
+            .map_err(start_error)?;
+        let std_listener = lock_ignoring_poison(&self.listener).take().ok_or_else(|| {
+            ApiServerError::NotListening {
+                path: self.socket_path.clone(),
+            }
+        })?;
+        let listener = {
+            // Registering with the reactor needs the runtime's context.
+            let _context = runtime.enter();
+            tokio::net::UnixListener::from_std(std_listener).map_err(start_error)?
+        };
+        let stop = Arc::clone(&self.stop);
+        std::thread::Builder::new()
+            .name("tidevm-api".to_owned())
+            .spawn(move || {
+                runtime.block_on(accept_connections(listener, handler, stop));
+                // Do not wait for a handler that may be stuck in the VMM.
+                runtime.shutdown_background();
+            })
+            .map_err(start_error)
+    }
+
+    /// Stop serving and remove the socket file. Idempotent.
+    ///
+    /// The serving thread exits soon after; requests in flight are abandoned.
+    pub fn shutdown(&self) {
+        self.stop.notify_one();
+        drop(lock_ignoring_poison(&self.listener).take());
+        self.remove_socket_file();
+    }
+
+    fn remove_socket_file(&self) {
+        if self.socket_removed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(metadata) = std::fs::symlink_metadata(&self.socket_path) else {
+            return;
+        };
+        if metadata.file_type().is_socket()
+            && (metadata.dev(), metadata.ino()) == self.socket_identity
+        {
+            // Nothing useful to do on failure while shutting down.
+            let _ = std::fs::remove_file(&self.socket_path);
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Remove a socket file at `path` that nobody serves any more.
+fn remove_stale_socket(path: &Path) -> Result<(), ApiServerError> {
+    let metadata = match std::fs::symlink_metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(reason) => {
+            return Err(ApiServerError::Probe {
+                path: path.to_owned(),
+                reason,
+            })
+        }
+    };
+    if !metadata.file_type().is_socket() {
+        return Err(ApiServerError::NotASocket {
+            path: path.to_owned(),
+        });
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ApiServerError::AlreadyInUse {
+            path: path.to_owned(),
+        }),
+        Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+            match std::fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(reason) => Err(ApiServerError::RemoveStale {
+                    path: path.to_owned(),
+                    reason,
+                }),
+            }
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(reason) => Err(ApiServerError::Probe {
+            path: path.to_owned(),
+            reason,
+        }),
+    }
+}
+
+async fn accept_connections(
+    listener: tokio::net::UnixListener,
+    handler: Arc<dyn RequestHandler>,
+    stop: Arc<Notify>,
+) {
+    let mut stopped = pin!(stop.notified());
+    let live_connections = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = poll_fn(|cx| {
+            if stopped.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
+            }
+            listener.poll_accept(cx).map(Some)
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok((stream, _peer))) => stream,
+            Some(Err(_)) => {
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                continue;
+            }
+        };
+        if live_connections.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+            drop(stream);
+            continue;
+        }
+        live_connections.fetch_add(1, Ordering::AcqRel);
+        let live_connections = Arc::clone(&live_connections);
+        let handler = Arc::clone(&handler);
+        tokio::spawn(async move {
+            serve_connection(stream, handler).await;
+            live_connections.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+}
+
+async fn serve_connection(stream: tokio::net::UnixStream, handler: Arc<dyn RequestHandler>) {
+    let service = hyper::service::service_fn(move |request| {
+        let handler = Arc::clone(&handler);
+        async move { Ok::<_, Infallible>(serve_request(request, handler).await) }
+    });
+    // A broken connection concerns only its client; nothing to report.
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_READ_TIMEOUT)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
+async fn serve_request(
+    request: Request<Incoming>,
+    handler: Arc<dyn RequestHandler>,
+) -> Response<Full<Bytes>> {
+    let path = request.uri().path().to_owned();
+    let Some(endpoint) = Endpoint::from_path(&path) else {
+        return error_response(&ApiError::not_found(format!(
+            "unknown route {}; the API has {}",
+            abbreviate(&path),
+            route_list()
+        )));
+    };
+    if request.method().as_str() != endpoint.method() {
+        let mut response = error_response(&ApiError::method_not_allowed(format!(
+            "method {} is not allowed on {}; use {}",
+            request.method(),
+            abbreviate(&path),
+            endpoint.method()
+        )));
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(endpoint.method()));
+        return response;
+    }
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(error) => return error_response(&error),
+    };
+    let api_request = match endpoint.parse_body(&body) {
+        Ok(api_request) => api_request,
+        Err(error) => return error_response(&error),
+    };
+    let outcome = tokio::task::spawn_blocking(move || handler.handle(api_request)).await;
+    match outcome {
+        Ok(Ok(response)) => success_response(response),
+        Ok(Err(error)) => error_response(&error),
+        Err(_) => error_response(&ApiError::internal("the VMM failed to handle the request")),
+    }
+}
+
+/// "GET /vm/info, PUT /vm/shutdown, ..." for error messages.
+fn route_list() -> String {
+    let routes: Vec<String> = ROUTES
+        .iter()
+        .map(|(method, path)| format!("{method} {path}"))
+        .collect();
+    routes.join(", ")
+}
+
+/// Parse a request into an [`ApiRequest`] without HTTP plumbing.
+#[cfg(test)]
+pub(crate) fn parse_request(
+    method: &hyper::Method,
+    path: &str,
+    body: &[u8],
+) -> Result<ApiRequest, ApiError> {
+    let endpoint = Endpoint::from_path(path).ok_or_else(|| ApiError::not_found("unknown route"))?;
+    if method.as_str() != endpoint.method() {
+        return Err(ApiError::method_not_allowed("method not allowed"));
+    }
+    endpoint.parse_body(body)
+}
+
+async fn read_body(request: Request<Incoming>) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::payload_too_large(format!(
+            "request body exceeds {MAX_REQUEST_BODY_BYTES} bytes"
+        ))
+    };
+    let declared_length = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > MAX_REQUEST_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    let limited = Limited::new(request.into_body(), MAX_REQUEST_BODY_BYTES);
+    match tokio::time::timeout(REQUEST_READ_TIMEOUT, limited.collect()).await {
+        Err(_elapsed) => Err(ApiError::new(408, "timed out reading the request body")),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(error)) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {error}"
+        ))),
+    }
+}
+
+/// A route of the API, with the parameters taken from its path.
+#[derive(Debug, PartialEq, Eq)]
+enum Endpoint {
+    VmInfo,
+    Shutdown,
+    Reboot,
+    VirtioMem { id: String },
+}
+
+impl Endpoint {
+    fn from_path(path: &str) -> Option<Endpoint> {
+        match path {
+            "/vm/info" => Some(Endpoint::VmInfo),
+            "/vm/shutdown" => Some(Endpoint::Shutdown),
+            "/vm/reboot" => Some(Endpoint::Reboot),
+            _ => {
+                let id = path.strip_prefix("/vm/virtio-mem/")?;
+                (!id.is_empty() && !id.contains('/'))
+                    .then(|| Endpoint::VirtioMem { id: id.to_owned() })
+            }
+        }
+    }
+
+    fn method(&self) -> &'static str {
+        match self {
+            Endpoint::VmInfo => "GET",
+            Endpoint::Shutdown | Endpoint::Reboot | Endpoint::VirtioMem { .. } => "PUT",
+        }
+    }
+
+    fn parse_body(self, body: &[u8]) -> Result<ApiRequest, ApiError> {
+        match self {
+            Endpoint::VmInfo => expect_no_parameters(body).map(|()| ApiRequest::VmInfo),
+            Endpoint::Shutdown => expect_no_parameters(body).map(|()| ApiRequest::Shutdown),
+            Endpoint::Reboot => expect_no_parameters(body).map(|()| ApiRequest::Reboot),
+            Endpoint::VirtioMem { id } => {
+                validate_device_id(&id)?;
+                if is_blank(body) {
+                    return Err(ApiError::bad_request(
+                        r#"missing request body: expected {"requested_size": <bytes>}"#,
+                    ));
+                }
+                // serde would also take a struct from a JSON array; only
+                // objects are documented.
+                let json: serde_json::Value = parse_json(body)?;
+                if !json.is_object() {
+                    return Err(ApiError::bad_request(
+                        r#"invalid request body: expected {"requested_size": <bytes>}"#,
+                    ));
+                }
+                let parsed: ResizeVirtioMemBody =
+                    serde_json::from_value(json).map_err(|error| {
+                        ApiError::bad_request(format!("invalid request body: {error}"))
+                    })?;
+                Ok(ApiRequest::ResizeVirtioMem {
+                    id,
+                    requested_size: parsed.requested_size,
+                })
+            }
+        }
+    }
+}
+
+fn is_blank(body: &[u8]) -> bool {
+    body.iter().all(u8::is_ascii_whitespace)
+}
+
+/// Requests without parameters take no body, or `{}`.
+fn expect_no_parameters(body: &[u8]) -> Result<(), ApiError> {
+    if is_blank(body) {
+        return Ok(());
+    }
+    match parse_json::<serde_json::Value>(body)? {
+        serde_json::Value::Object(fields) if fields.is_empty() => Ok(()),
+        _ => Err(ApiError::bad_request(
+            "this request takes no parameters: send no body, or {}",
+        )),
+    }
+}
+
+fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::bad_request(format!("invalid request body: {error}")))
+}
+
+fn validate_device_id(id: &str) -> Result<(), ApiError> {
+    let valid_chars = id
+        .bytes()
+        .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'));
+    if valid_chars && id.len() <= MAX_DEVICE_ID_LEN {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "invalid virtio-mem device id {:?}: use up to {MAX_DEVICE_ID_LEN} of A-Z a-z 0-9 _ - .",
+            abbreviate(id)
+        )))
+    }
+}
+
+/// Client-supplied text echoed in an error message, cut to a sane length.
+fn abbreviate(text: &str) -> &str {
+    const MAX_ECHO_LEN: usize = 128;
+    match text.char_indices().nth(MAX_ECHO_LEN) {
+        Some((cut, _)) => &text[..cut],
+        None => text,
+    }
+}
+
+fn success_response(response: ApiResponse) -> Response<Full<Bytes>> {
+    match response {
+        ApiResponse::Empty => build_response(StatusCode::NO_CONTENT, None),
+        ApiResponse::VmInfo(info) => match serde_json::to_vec(&info) {
+            Ok(json) => build_response(StatusCode::OK, Some(json)),
+            Err(error) => error_response(&ApiError::internal(format!(
+                "cannot serialize the VM info: {error}"
+            ))),
+        },
+    }
+}
+
+fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
+    // A handler that returns a non-error status still failed: report 500.
+    let status = StatusCode::from_u16(error.status)
+        .ok()
+        .filter(|status| status.is_client_error() || status.is_server_error())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = ErrorBody {
+        error: error.message.clone(),
+    };
+    // Serializing a struct holding one string cannot fail.
+    let json = serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec());
+    build_response(status, Some(json))
+}
+
+fn build_response(status: StatusCode, json: Option<Vec<u8>>) -> Response<Full<Bytes>> {
+    let has_body = json.is_some();
+    let mut response = Response::new(Full::new(Bytes::from(json.unwrap_or_default())));
+    *response.status_mut() = status;
+    if has_body {
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::Method;
+
+    #[test]
+    fn every_route_is_routed() {
+        for (method, template) in ROUTES {
+            let path = template.replace("{id}", "vmem0");
+            let endpoint = Endpoint::from_path(&path).expect(template);
+            assert_eq!(endpoint.method(), *method, "{template}");
+        }
+    }
+
+    #[test]
+    fn parses_valid_requests() {
+        assert_eq!(
+            parse_request(&Method::GET, "/vm/info", b""),
+            Ok(ApiRequest::VmInfo)
+        );
+        assert_eq!(
+            parse_request(&Method::PUT, "/vm/shutdown", b" {} "),
+            Ok(ApiRequest::Shutdown)
+        );
+        assert_eq!(
+            parse_request(&Method::PUT, "/vm/reboot", b""),
+            Ok(ApiRequest::Reboot)
+        );
+        assert_eq!(
+            parse_request(
+                &Method::PUT,
+                "/vm/virtio-mem/vmem0",
+                br#"{"requested_size": "2G"}"#
+            ),
+            Ok(ApiRequest::ResizeVirtioMem {
+                id: "vmem0".to_owned(),
+                requested_size: 2 << 30
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_requests_with_the_right_status() {
+        let status = |method: Method, path: &str, body: &[u8]| {
+            parse_request(&method, path, body).unwrap_err().status
+        };
+        assert_eq!(status(Method::GET, "/", b""), 404);
+        assert_eq!(status(Method::GET, "/vm/info/", b""), 404);
+        assert_eq!(status(Method::PUT, "/vm/virtio-mem/", b""), 404);
+        assert_eq!(status(Method::PUT, "/vm/virtio-mem/a/b", b""), 404);
+        assert_eq!(status(Method::PUT, "/vm/info", b""), 405);
+        assert_eq!(status(Method::GET, "/vm/virtio-mem/vmem0", b""), 405);
+        assert_eq!(status(Method::PUT, "/vm/shutdown", b"{\"now\":1}"), 400);
+        assert_eq!(status(Method::PUT, "/vm/shutdown", b"[]"), 400);
+        assert_eq!(status(Method::PUT, "/vm/virtio-mem/vmem0", b""), 400);
+        assert_eq!(status(Method::PUT, "/vm/virtio-mem/vmem0", b"{"), 400);
+        assert_eq!(status(Method::PUT, "/vm/virtio-mem/vmem0", b"[5]"), 400);
+        assert_eq!(status(Method::PUT, "/vm/virtio-mem/vmem0", b"5"), 400);
+        assert_eq!(
+            status(Method::PUT, "/vm/virtio-mem/vmem0", b"\xff\xfe"),
+            400
+        );
+        assert_eq!(
+            status(
+                Method::PUT,
+                "/vm/virtio-mem/a%20b",
+                br#"{"requested_size":1}"#
+            ),
+            400
+        );
+        let long_id = format!("/vm/virtio-mem/{}", "x".repeat(65));
+        assert_eq!(
+            status(Method::PUT, &long_id, br#"{"requested_size":1}"#),
+            400
+        );
+    }
+
+    #[test]
+    fn error_responses_never_carry_success_statuses() {
+        let response = error_response(&ApiError::new(200, "odd"));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let response = error_response(&ApiError::new(0, "odd"));
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let response = error_response(&ApiError::conflict("busy"));
+        assert_eq!(response.status(), StatusCode::CONFLICT);
+    }
+
+    #[test]
+    fn abbreviate_cuts_on_char_boundaries() {
+        let long = "é".repeat(300);
+        assert_eq!(abbreviate(&long).chars().count(), 128);
+        assert_eq!(abbreviate("short"), "short");
+    }
+}

@@ -1,0 +1,527 @@
+//! Round trips through a real Unix socket, and the OpenAPI document's coverage.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::server::ROUTES;
+use crate::*;
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tidevm-api-test-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.0.join("api.sock")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const BLOCK_SIZE: u64 = 2 << 20;
+
+/// Stands in for the VMM: records requests and answers like a small VM.
+#[derive(Default)]
+struct FakeVmm {
+    requests: Mutex<Vec<ApiRequest>>,
+}
+
+impl FakeVmm {
+    fn requests(&self) -> Vec<ApiRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn sample_info() -> VmInfo {
+    VmInfo {
+        state: VmState::Running,
+        vcpus: 2,
+        memory: MemoryInfo {
+            boot_ram_bytes: 512 << 20,
+            ram_ranges: vec![GuestRange {
+                start: 0,
+                size: 512 << 20,
+            }],
+            hotplug_area: GuestRange {
+                start: 4 << 30,
+                size: 8 << 30,
+            },
+        },
+        virtio_mem: vec![VirtioMemInfo {
+            id: "vmem0".to_owned(),
+            node: 0,
+            region: GuestRange {
+                start: 4 << 30,
+                size: 8 << 30,
+            },
+            block_size: BLOCK_SIZE,
+            plugged_size: 0,
+            requested_size: 0,
+            usable_region_size: 8 << 30,
+        }],
+    }
+}
+
+impl RequestHandler for FakeVmm {
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+        self.requests.lock().unwrap().push(request.clone());
+        match request {
+            ApiRequest::VmInfo => Ok(ApiResponse::VmInfo(sample_info())),
+            ApiRequest::Shutdown | ApiRequest::Reboot => Ok(ApiResponse::Empty),
+            ApiRequest::ResizeVirtioMem { id, .. } if id == "panic" => {
+                panic!("the fake VMM panics on purpose")
+            }
+            ApiRequest::ResizeVirtioMem { id, .. } if id != "vmem0" => Err(ApiError::not_found(
+                format!("no virtio-mem device with id {id}"),
+            )),
+            ApiRequest::ResizeVirtioMem { requested_size, .. }
+                if requested_size % BLOCK_SIZE != 0 =>
+            {
+                Err(ApiError::bad_request(format!(
+                    "requested_size {requested_size} is not a multiple of the block size {BLOCK_SIZE}"
+                )))
+            }
+            ApiRequest::ResizeVirtioMem { .. } => Ok(ApiResponse::Empty),
+        }
+    }
+}
+
+struct Running {
+    _dir: TempDir,
+    server: ApiServer,
+    vmm: Arc<FakeVmm>,
+    client: ApiClient,
+}
+
+fn start() -> Running {
+    let dir = TempDir::new();
+    let server = ApiServer::bind(&dir.socket()).unwrap();
+    let vmm = Arc::new(FakeVmm::default());
+    server.spawn(vmm.clone()).unwrap();
+    let client = ApiClient::new(dir.socket()).with_timeout(Duration::from_secs(10));
+    Running {
+        _dir: dir,
+        server,
+        vmm,
+        client,
+    }
+}
+
+#[test]
+fn vm_info_round_trip() {
+    let running = start();
+    assert_eq!(running.client.vm_info().unwrap(), sample_info());
+    assert_eq!(running.vmm.requests(), vec![ApiRequest::VmInfo]);
+
+    let (status, body) = running.client.call("GET", "/vm/info", None).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["state"], "running");
+    assert_eq!(body["memory"]["boot_ram_bytes"], 512u64 << 20);
+    assert_eq!(body["virtio_mem"][0]["id"], "vmem0");
+}
+
+#[test]
+fn shutdown_and_reboot_round_trip() {
+    let running = start();
+    running.client.shutdown().unwrap();
+    running.client.reboot().unwrap();
+    let (status, body) = running
+        .client
+        .call("PUT", "/vm/reboot", Some(json!({})))
+        .unwrap();
+    assert_eq!((status, body), (204, serde_json::Value::Null));
+    assert_eq!(
+        running.vmm.requests(),
+        vec![ApiRequest::Shutdown, ApiRequest::Reboot, ApiRequest::Reboot]
+    );
+}
+
+#[test]
+fn resize_round_trip() {
+    let running = start();
+    running.client.resize_virtio_mem("vmem0", 1 << 30).unwrap();
+    let (status, _) = running
+        .client
+        .call(
+            "PUT",
+            "/vm/virtio-mem/vmem0",
+            Some(json!({"requested_size": "2G"})),
+        )
+        .unwrap();
+    assert_eq!(status, 204);
+    assert_eq!(
+        running.vmm.requests(),
+        vec![
+            ApiRequest::ResizeVirtioMem {
+                id: "vmem0".to_owned(),
+                requested_size: 1 << 30
+            },
+            ApiRequest::ResizeVirtioMem {
+                id: "vmem0".to_owned(),
+                requested_size: 2 << 30
+            },
+        ]
+    );
+}
+
+#[test]
+fn handler_errors_reach_the_client() {
+    let running = start();
+    let error = running
+        .client
+        .resize_virtio_mem("vmem7", 1 << 30)
+        .unwrap_err();
+    assert!(
+        matches!(error, ClientError::Api { status: 404, .. }),
+        "{error:?}"
+    );
+    assert_eq!(
+        error.to_string(),
+        "API request failed with HTTP 404: no virtio-mem device with id vmem7"
+    );
+
+    let (status, body) = running
+        .client
+        .call(
+            "PUT",
+            "/vm/virtio-mem/vmem0",
+            Some(json!({"requested_size": 12345})),
+        )
+        .unwrap();
+    assert_eq!(status, 400);
+    assert!(body["error"].as_str().unwrap().contains("block size"));
+}
+
+#[test]
+fn malformed_requests_never_reach_the_handler() {
+    let running = start();
+    let client = &running.client;
+    let error_of = |(status, body): (u16, serde_json::Value)| {
+        let message = body["error"].as_str().unwrap_or_default().to_owned();
+        assert!(!message.is_empty(), "status {status} without error message");
+        (status, message)
+    };
+
+    let (status, message) = error_of(client.call("GET", "/vm/nothing", None).unwrap());
+    assert_eq!(status, 404);
+    assert!(message.contains("/vm/nothing"), "{message}");
+
+    assert_eq!(error_of(client.call("GET", "/", None).unwrap()).0, 404);
+    let (status, message) = error_of(client.call("POST", "/vm/info", None).unwrap());
+    assert_eq!(status, 405);
+    assert!(message.contains("use GET"), "{message}");
+    assert_eq!(
+        error_of(client.call("GET", "/vm/shutdown", None).unwrap()).0,
+        405
+    );
+    assert_eq!(
+        error_of(client.call("DELETE", "/vm/virtio-mem/vmem0", None).unwrap()).0,
+        405
+    );
+
+    let resize = |body: &[u8]| {
+        error_of(
+            client
+                .call_raw("PUT", "/vm/virtio-mem/vmem0", Some(body))
+                .unwrap(),
+        )
+    };
+    assert_eq!(resize(b"").0, 400);
+    assert_eq!(resize(b"{not json").0, 400);
+    assert_eq!(resize(br#"{"requested_size": -5}"#).0, 400);
+    assert_eq!(resize(br#"{"requested_size": "many"}"#).0, 400);
+    let (status, message) = resize(br#"{"requested_size": 1, "speed": 2}"#);
+    assert_eq!(status, 400);
+    assert!(message.contains("unknown field"), "{message}");
+    assert_eq!(
+        error_of(
+            client
+                .call("PUT", "/vm/shutdown", Some(json!({"force": true})))
+                .unwrap()
+        )
+        .0,
+        400
+    );
+
+    let oversized = vec![b' '; MAX_REQUEST_BODY_BYTES + 1];
+    let (status, message) = error_of(
+        client
+            .call_raw("PUT", "/vm/virtio-mem/vmem0", Some(&oversized))
+            .unwrap(),
+    );
+    assert_eq!(status, 413);
+    assert!(message.contains("65536"), "{message}");
+
+    assert!(running.vmm.requests().is_empty());
+    // The server still works after all that.
+    client.vm_info().unwrap();
+}
+
+#[test]
+fn oversized_chunked_body_is_rejected() {
+    let running = start();
+    let mut stream = UnixStream::connect(running.server.socket_path()).unwrap();
+    let chunk = vec![b'a'; 40 * 1024];
+    let mut request =
+        b"PUT /vm/virtio-mem/vmem0 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            .to_vec();
+    for _ in 0..2 {
+        request.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        request.extend_from_slice(&chunk);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    stream.write_all(&request).unwrap();
+    let response = read_head(&mut stream);
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(running.vmm.requests().is_empty());
+}
+
+/// Read until the end of the response head (or EOF).
+fn read_head(stream: &mut UnixStream) -> String {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !received.windows(4).any(|window| window == b"\r\n\r\n") {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => received.extend_from_slice(&buffer[..read]),
+        }
+    }
+    String::from_utf8_lossy(&received).into_owned()
+}
+
+#[test]
+fn garbage_does_not_break_the_server() {
+    let running = start();
+    for garbage in [
+        &b"\x00\x01\x02\xff\r\n\r\n"[..],
+        b"GET /vm/info HTTP/9.9\r\n\r\n",
+        b"PUT /vm/virtio-mem/vmem0 HTTP/1.1\r\nContent-Length: -3\r\n\r\n",
+        b"GET /vm/info HTTP/1.1\r\nHost: x\r\nX: \xff\xfe\r\n\r\n",
+    ] {
+        let mut stream = UnixStream::connect(running.server.socket_path()).unwrap();
+        stream.write_all(garbage).unwrap();
+        let _ = read_head(&mut stream);
+    }
+    // A client that connects and leaves.
+    drop(UnixStream::connect(running.server.socket_path()).unwrap());
+
+    let mut stream = UnixStream::connect(running.server.socket_path()).unwrap();
+    stream
+        .write_all(b"GET /vm/info HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_head(&mut stream).starts_with("HTTP/1.1 200"));
+    running.client.vm_info().unwrap();
+}
+
+#[test]
+fn handler_panic_is_a_500_and_the_server_survives() {
+    let running = start();
+    let error = running
+        .client
+        .resize_virtio_mem("panic", 1 << 30)
+        .unwrap_err();
+    assert!(
+        matches!(error, ClientError::Api { status: 500, .. }),
+        "{error:?}"
+    );
+    running.client.vm_info().unwrap();
+}
+
+#[test]
+fn bind_fails_when_another_server_listens() {
+    let dir = TempDir::new();
+    let path = dir.socket();
+    let _first = ApiServer::bind(&path).unwrap();
+    let error = ApiServer::bind(&path).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "API socket {} is already in use by another process",
+            path.display()
+        )
+    );
+    // The failed bind must not have removed the live socket.
+    assert!(path.exists());
+}
+
+#[test]
+fn stale_socket_file_is_replaced() {
+    let dir = TempDir::new();
+    let path = dir.socket();
+    // A listener that went away without removing its socket file.
+    drop(UnixListener::bind(&path).unwrap());
+    assert!(path.exists());
+
+    let server = ApiServer::bind(&path).unwrap();
+    let vmm = Arc::new(FakeVmm::default());
+    server.spawn(vmm).unwrap();
+    ApiClient::new(&path).vm_info().unwrap();
+}
+
+#[test]
+fn bind_reports_a_missing_directory() {
+    let dir = TempDir::new();
+    let path = dir.0.join("missing").join("api.sock");
+    let error = ApiServer::bind(&path).unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "cannot create API socket {}: directory {} does not exist",
+            path.display(),
+            dir.0.join("missing").display()
+        )
+    );
+}
+
+#[test]
+fn bind_leaves_other_files_alone() {
+    let dir = TempDir::new();
+    let path = dir.socket();
+    std::fs::write(&path, "precious").unwrap();
+    let error = ApiServer::bind(&path).unwrap_err();
+    assert!(
+        matches!(error, ApiServerError::NotASocket { .. }),
+        "{error:?}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
+}
+
+#[test]
+fn shutdown_stops_serving_and_removes_the_socket() {
+    let dir = TempDir::new();
+    let path = dir.socket();
+    let server = ApiServer::bind(&path).unwrap();
+    let thread = server.spawn(Arc::new(FakeVmm::default())).unwrap();
+    ApiClient::new(&path).vm_info().unwrap();
+
+    server.shutdown();
+    assert!(!path.exists());
+    thread.join().unwrap();
+    server.shutdown();
+    assert!(matches!(
+        server.spawn(Arc::new(FakeVmm::default())),
+        Err(ApiServerError::NotListening { .. })
+    ));
+}
+
+#[test]
+fn drop_removes_the_socket_but_not_a_successors() {
+    let dir = TempDir::new();
+    let path = dir.socket();
+    let server = ApiServer::bind(&path).unwrap();
+    // Someone replaced our socket file; cleanup must not delete theirs.
+    std::fs::remove_file(&path).unwrap();
+    let successor = UnixListener::bind(&path).unwrap();
+    drop(server);
+    assert!(path.exists());
+    drop(successor);
+
+    let server = ApiServer::bind(&path).unwrap();
+    drop(server);
+    assert!(!path.exists());
+}
+
+#[test]
+fn client_errors_are_one_clear_line() {
+    let dir = TempDir::new();
+    let path = dir.socket();
+    let error = ApiClient::new(&path).vm_info().unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.starts_with(&format!(
+            "cannot connect to API socket {}: ",
+            path.display()
+        )),
+        "{message}"
+    );
+    assert!(message.contains("os error 2"), "{message}");
+    assert!(!message.contains('\n'));
+
+    let invalid = ApiClient::new(&path)
+        .resize_virtio_mem("a/b", 0)
+        .unwrap_err();
+    assert!(matches!(invalid, ClientError::InvalidRequest { .. }));
+}
+
+#[test]
+fn client_times_out_on_a_silent_server() {
+    let dir = TempDir::new();
+    let path = dir.socket();
+    // Accepts connections (through the backlog) but never answers.
+    let _silent = UnixListener::bind(&path).unwrap();
+    let error = ApiClient::new(&path)
+        .with_timeout(Duration::from_millis(200))
+        .vm_info()
+        .unwrap_err();
+    assert!(matches!(error, ClientError::Timeout { .. }), "{error:?}");
+}
+
+/// The (method, path) pairs listed under `paths:` in an OpenAPI YAML document
+/// written in this crate's layout (two-space indents).
+fn openapi_routes(yaml: &str) -> Vec<(String, String)> {
+    let mut routes = Vec::new();
+    let mut in_paths = false;
+    let mut current_path: Option<String> = None;
+    for line in yaml.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let trimmed = line.trim();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        if indent == 0 {
+            in_paths = trimmed == "paths:";
+            current_path = None;
+        } else if in_paths && indent == 2 {
+            current_path = trimmed.strip_suffix(':').map(str::to_owned);
+        } else if in_paths && indent == 4 {
+            if let (Some(path), Some(method)) = (&current_path, trimmed.strip_suffix(':')) {
+                let method = method.to_ascii_uppercase();
+                if ["GET", "PUT", "POST", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+                    .contains(&method.as_str())
+                {
+                    routes.push((method, path.clone()));
+                }
+            }
+        }
+    }
+    routes
+}
+
+#[test]
+fn openapi_document_lists_exactly_the_routes() {
+    let yaml_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.yaml");
+    let yaml = std::fs::read_to_string(yaml_path).unwrap();
+    assert!(yaml.starts_with("openapi: 3."));
+    let mut documented = openapi_routes(&yaml);
+    documented.sort();
+    let mut routed: Vec<(String, String)> = ROUTES
+        .iter()
+        .map(|(method, path)| (method.to_string(), path.to_string()))
+        .collect();
+    routed.sort();
+    assert_eq!(documented, routed);
+}

@@ -1,0 +1,299 @@
+//! Requests, responses and the wire schemas of the control API.
+//!
+//! The server parses HTTP requests into [`ApiRequest`]s and hands them to a
+//! [`RequestHandler`] that the VMM implements; the handler answers with an
+//! [`ApiResponse`] or an [`ApiError`].
+
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// A parsed, validated request for the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    /// `GET /vm/info`: describe the VM.
+    VmInfo,
+    /// `PUT /vm/shutdown`: stop the VM and exit the VMM.
+    Shutdown,
+    /// `PUT /vm/reboot`: reset the VM.
+    Reboot,
+    /// `PUT /vm/virtio-mem/{id}`: change how much memory the guest should
+    /// have plugged from the virtio-mem device `id`.
+    ResizeVirtioMem {
+        /// Id of the virtio-mem device.
+        id: String,
+        /// Requested plugged size in bytes.
+        requested_size: u64,
+    },
+}
+
+/// What a successful request returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiResponse {
+    /// Nothing to return: HTTP 204.
+    Empty,
+    /// The VM description: HTTP 200 with a [`VmInfo`] body.
+    VmInfo(VmInfo),
+}
+
+/// Life-cycle state of the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// vCPUs are running.
+    Running,
+    /// A reboot was requested and is in progress.
+    Rebooting,
+    /// A shutdown was requested and is in progress.
+    #[serde(alias = "shuttingdown")]
+    ShuttingDown,
+}
+
+/// A range of guest-physical addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRange {
+    /// First guest-physical address of the range.
+    pub start: u64,
+    /// Length of the range in bytes.
+    pub size: u64,
+}
+
+/// Layout of the guest's memory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryInfo {
+    /// RAM given to the guest at boot, in bytes (excluding hotplugged memory).
+    pub boot_ram_bytes: u64,
+    /// Guest-physical ranges backed by boot RAM.
+    pub ram_ranges: Vec<GuestRange>,
+    /// Guest-physical range reserved for hotplugged memory.
+    pub hotplug_area: GuestRange,
+}
+
+/// State of one virtio-mem device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioMemInfo {
+    /// Device id, as used in `PUT /vm/virtio-mem/{id}`.
+    pub id: String,
+    /// Guest NUMA node the device's memory belongs to.
+    pub node: u32,
+    /// Guest-physical range the device may plug memory into.
+    pub region: GuestRange,
+    /// Plug granularity in bytes.
+    pub block_size: u64,
+    /// Bytes the guest has plugged now.
+    pub plugged_size: u64,
+    /// Bytes the host asked the guest to have plugged.
+    pub requested_size: u64,
+    /// Bytes of the region the guest may use for plugging.
+    pub usable_region_size: u64,
+}
+
+/// Body of `GET /vm/info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Life-cycle state.
+    pub state: VmState,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Memory layout.
+    pub memory: MemoryInfo,
+    /// virtio-mem devices, in creation order.
+    #[serde(default)]
+    pub virtio_mem: Vec<VirtioMemInfo>,
+}
+
+/// Body of `PUT /vm/virtio-mem/{id}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResizeVirtioMemBody {
+    /// Requested plugged size in bytes. On the wire either an integer number
+    /// of bytes or a string with a binary unit such as `"4G"` or `"512MiB"`.
+    #[serde(deserialize_with = "deserialize_byte_size")]
+    pub requested_size: u64,
+}
+
+/// Body of every error response: `{"error": "<message>"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Human-readable description of what went wrong.
+    pub error: String,
+}
+
+/// A failed request: an HTTP status and a message for the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message} (HTTP {status})")]
+pub struct ApiError {
+    /// HTTP status code, 4xx or 5xx.
+    pub status: u16,
+    /// Human-readable description of what went wrong.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error with any status.
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// 400: the request is malformed or its values are invalid.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, message)
+    }
+
+    /// 404: the route or the addressed object does not exist.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(404, message)
+    }
+
+    /// 405: the route exists but not with this method.
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(405, message)
+    }
+
+    /// 409: the request conflicts with the VM's current state.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(409, message)
+    }
+
+    /// 413: the request body is too large.
+    pub fn payload_too_large(message: impl Into<String>) -> Self {
+        Self::new(413, message)
+    }
+
+    /// 500: the VMM failed to carry out a valid request.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, message)
+    }
+}
+
+/// The VMM side of the API: carries out parsed requests.
+///
+/// `handle` may block (it typically forwards the request to the VMM's control
+/// loop and waits for the answer); the server calls it off its event loop.
+pub trait RequestHandler: Send + Sync + 'static {
+    /// Carry out `request`.
+    fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError>;
+}
+
+/// Parse a byte size: a plain number of bytes, or a number followed by a
+/// binary unit (`K`, `M`, `G`, `T`, optionally spelled `KiB`, `KB`, ...).
+/// Returns `None` if the text is not a size or does not fit in a `u64`.
+pub fn parse_byte_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let digits_end = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(digits_end);
+    if digits.is_empty() {
+        return None;
+    }
+    let number: u64 = digits.parse().ok()?;
+    let shift = match unit.trim_start().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return None,
+    };
+    number.checked_mul(1u64 << shift)
+}
+
+fn deserialize_byte_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    struct ByteSizeVisitor;
+
+    impl Visitor<'_> for ByteSizeVisitor {
+        type Value = u64;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+            formatter.write_str(r#"a number of bytes, or a string such as "512M" or "4G""#)
+        }
+
+        fn visit_u64<E: de::Error>(self, value: u64) -> Result<u64, E> {
+            Ok(value)
+        }
+
+        fn visit_i64<E: de::Error>(self, value: i64) -> Result<u64, E> {
+            u64::try_from(value).map_err(|_| E::invalid_value(de::Unexpected::Signed(value), &self))
+        }
+
+        fn visit_str<E: de::Error>(self, value: &str) -> Result<u64, E> {
+            parse_byte_size(value)
+                .ok_or_else(|| E::invalid_value(de::Unexpected::Str(value), &self))
+        }
+    }
+
+    deserializer.deserialize_any(ByteSizeVisitor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_sizes_parse_with_binary_units() {
+        assert_eq!(parse_byte_size("0"), Some(0));
+        assert_eq!(parse_byte_size("4096"), Some(4096));
+        assert_eq!(parse_byte_size("4G"), Some(4 << 30));
+        assert_eq!(parse_byte_size("4 GiB"), Some(4 << 30));
+        assert_eq!(parse_byte_size("512m"), Some(512 << 20));
+        assert_eq!(parse_byte_size("2KB"), Some(2048));
+        assert_eq!(parse_byte_size("1T"), Some(1 << 40));
+        assert_eq!(parse_byte_size(""), None);
+        assert_eq!(parse_byte_size("G"), None);
+        assert_eq!(parse_byte_size("-1"), None);
+        assert_eq!(parse_byte_size("1.5G"), None);
+        assert_eq!(parse_byte_size("4X"), None);
+        assert_eq!(parse_byte_size("99999999999999999999"), None);
+        assert_eq!(parse_byte_size("20000000T"), None);
+    }
+
+    #[test]
+    fn resize_body_accepts_numbers_and_unit_strings() {
+        let parse = |json: &str| serde_json::from_str::<ResizeVirtioMemBody>(json);
+        assert_eq!(
+            parse(r#"{"requested_size": 1073741824}"#)
+                .unwrap()
+                .requested_size,
+            1 << 30
+        );
+        assert_eq!(
+            parse(r#"{"requested_size": "1G"}"#).unwrap().requested_size,
+            1 << 30
+        );
+        assert!(parse(r#"{"requested_size": -1}"#).is_err());
+        assert!(parse(r#"{"requested_size": 1.5}"#).is_err());
+        assert!(parse(r#"{"requested_size": "lots"}"#).is_err());
+        assert!(parse(r#"{"requested_size": null}"#).is_err());
+        assert!(parse(r#"{}"#).is_err());
+        assert!(parse(r#"{"requested_size": 1, "extra": 2}"#).is_err());
+    }
+
+    #[test]
+    fn vm_state_is_snake_case_on_the_wire() {
+        assert_eq!(
+            serde_json::to_string(&VmState::ShuttingDown).unwrap(),
+            r#""shutting_down""#
+        );
+        assert_eq!(
+            serde_json::to_string(&VmState::Running).unwrap(),
+            r#""running""#
+        );
+        let lenient: VmState = serde_json::from_str(r#""shuttingdown""#).unwrap();
+        assert_eq!(lenient, VmState::ShuttingDown);
+    }
+
+    #[test]
+    fn vm_info_without_virtio_mem_field_deserializes() {
+        let json = r#"{"state":"running","vcpus":2,
+            "memory":{"boot_ram_bytes":1024,"ram_ranges":[{"start":0,"size":1024}],
+                      "hotplug_area":{"start":4096,"size":8192}}}"#;
+        let info: VmInfo = serde_json::from_str(json).unwrap();
+        assert!(info.virtio_mem.is_empty());
+        assert_eq!(info.memory.hotplug_area.size, 8192);
+    }
+}
