@@ -1,0 +1,30 @@
+//! Command-line interface.
+
+mod ctl;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+/// tidevm: a KVM VMM for live memory resizing of Linux guests.
+#[derive(Debug, Parser)]
+#[command(name = "tidevm", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Boot a VM and run it until it powers off.
+    Run(run::RunArgs),
+    /// Control a running VM through its API socket.
+    Ctl(ctl::CtlArgs),
+}
+
+/// Runs the chosen command; returns the process exit code.
+pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Ctl(args) => ctl::ctl(args),
+    }
+}

@@ -1,0 +1,72 @@
+//! `tidevm run`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use tidevm_api::ApiServer;
+use tidevm_vmm::config::{MemoryConfig, SerialConfig};
+use tidevm_vmm::memory::host_memory_bytes;
+use tidevm_vmm::{VmConfig, Vmm};
+
+/// Options of `tidevm run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Uncompressed ELF vmlinux with a PVH entry point.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs (cpio, optionally compressed).
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "console=ttyS0")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Boot memory: size=SIZE (e.g. size=2G).
+    #[arg(long, default_value = "size=512M")]
+    memory: String,
+    /// Unix socket for the control API.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Guest console: stdout, off, file=PATH, socket=PATH or tcp=ADDR.
+    #[arg(long, default_value = "stdout")]
+    serial: String,
+}
+
+impl RunArgs {
+    fn to_config(&self) -> anyhow::Result<VmConfig> {
+        Ok(VmConfig {
+            kernel: self.kernel.clone(),
+            initramfs: self.initramfs.clone(),
+            cmdline: self.cmdline.clone(),
+            cpus: self.cpus,
+            memory: MemoryConfig::parse(&self.memory)?,
+            serial: SerialConfig::parse(&self.serial)?,
+        })
+    }
+}
+
+/// Boots the VM; returns 0 when the guest powers off or is shut down.
+pub fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let config = args.to_config()?;
+    config.validate(host_memory_bytes())?;
+    // Bind the API socket before booting so that a busy path fails fast.
+    let api = args
+        .api_socket
+        .as_deref()
+        .map(ApiServer::bind)
+        .transpose()?;
+    let vmm = Vmm::new(config)?;
+    if let Some(server) = &api {
+        server
+            .spawn(vmm.api_handler())
+            .context("cannot start the API server")?;
+    }
+    let result = vmm.run();
+    if let Some(server) = &api {
+        server.shutdown();
+    }
+    Ok(u8::try_from(result?).unwrap_or(1))
+}

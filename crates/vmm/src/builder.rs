@@ -1,0 +1,232 @@
+//! From a validated [`VmConfig`] to a running VM, step by step.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, AcpiConfig, DsdtConfig};
+use crate::arch::x86_64::layout::{
+    GuestLayout, GuestRange, ACPI_PM_PORT, GED_GSI, GED_MMIO_SIZE, GED_MMIO_START, PCI_CONFIG_PORT,
+    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START, SERIAL_GSI, SERIAL_PORT,
+};
+use crate::arch::x86_64::{cpuid, regs};
+use crate::boot;
+use crate::config::VmConfig;
+use crate::console::Console;
+use crate::devices::ged::GedDevice;
+use crate::devices::legacy::{I8042Reset, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::pci::root::PCI_CONFIG_IO_SIZE;
+use crate::devices::pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot};
+use crate::devices::platform::{AcpiPowerManagement, ACPI_PM_SIZE};
+use crate::devices::Bus;
+use crate::memory::MemoryManager;
+use crate::vstate::vcpu::{VcpuContext, VcpuThread};
+use crate::vstate::vm;
+use crate::vstate::ExitRequester;
+
+/// Errors while building a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Creating the KVM VM failed.
+    #[error(transparent)]
+    Vm(#[from] vm::VmError),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// Loading the kernel failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// The ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// vCPU register setup failed.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// A device could not be placed on a bus.
+    #[error("cannot place a device")]
+    Bus(#[from] crate::devices::BusError),
+    /// BAR windows could not be created.
+    #[error(transparent)]
+    Bars(#[from] crate::devices::pci::allocator::BarAllocatorError),
+    /// A KVM call failed.
+    #[error("KVM refused to {what}")]
+    Kvm {
+        /// What we asked for.
+        what: String,
+        /// The cause.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU thread could not start.
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+}
+
+fn kvm_err(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> BuildError {
+    let what = what.into();
+    move |source| BuildError::Kvm { what, source }
+}
+
+/// A VM that runs. Fields drop in order: vCPU threads are stopped by the owner before this
+/// is dropped, then the VM fd goes, and guest memory last, after nothing can use it.
+#[derive(Debug)]
+pub struct RunningVm {
+    /// The vCPU threads.
+    pub vcpus: Vec<VcpuThread>,
+    /// Tells the vCPU threads to stop.
+    pub stop: Arc<AtomicBool>,
+    /// Port I/O devices.
+    pub io_bus: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio_bus: Arc<Bus>,
+    /// The GED (hotplug and power-button notifications).
+    pub ged: Arc<Mutex<GedDevice>>,
+    /// BAR space for PCI devices.
+    pub bars: BarAllocator,
+    /// PCI bus 0.
+    pub pci: Arc<Mutex<PciRoot>>,
+    /// The KVM VM.
+    pub vm_fd: VmFd,
+    /// Guest memory, its layout and slots.
+    pub memory: MemoryManager,
+}
+
+/// Creates, loads and starts a VM.
+pub fn build_vm(
+    kvm: &Kvm,
+    config: &VmConfig,
+    console: &Console,
+    exit: &ExitRequester,
+) -> Result<RunningVm, BuildError> {
+    let vm_fd = vm::create_vm(kvm)?;
+    let layout = GuestLayout::new(config.memory.size);
+    let mut memory = MemoryManager::new(layout.clone())?;
+    memory.register_boot_ram(&vm_fd)?;
+
+    let io_bus = Arc::new(Bus::new());
+    let mmio_bus = Arc::new(Bus::new());
+    let pci = Arc::new(Mutex::new(PciRoot::default()));
+    let ged = attach_platform_devices(&vm_fd, &io_bus, &mmio_bus, &pci, console, exit)?;
+    let bars = BarAllocator::new(
+        GuestRange {
+            start: PCI_MMIO32_START,
+            size: PCI_MMIO32_SIZE,
+        },
+        layout.pci_mmio64,
+    )?;
+
+    let acpi_config = AcpiConfig {
+        cpus: config.cpus,
+        dsdt: DsdtConfig {
+            pci_mmio64: layout.pci_mmio64,
+        },
+    };
+    let rsdp = acpi::write_acpi_tables(memory.guest_memory(), &acpi_config)?;
+    regs::write_boot_gdt(memory.guest_memory())?;
+    let boot_info = boot::load_pvh_kernel(
+        memory.guest_memory(),
+        &layout.ram,
+        &config.kernel,
+        config.initramfs.as_deref(),
+        &config.cmdline,
+        rsdp,
+    )?;
+
+    let vcpu_fds = create_vcpus(kvm, &vm_fd, config.cpus, boot_info)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+    for (index, fd) in vcpu_fds.into_iter().enumerate() {
+        let ctx = VcpuContext {
+            index: index as u8,
+            io_bus: io_bus.clone(),
+            mmio_bus: mmio_bus.clone(),
+            exit: exit.clone(),
+            stop: stop.clone(),
+        };
+        vcpus.push(VcpuThread::spawn(fd, ctx).map_err(BuildError::Thread)?);
+    }
+    Ok(RunningVm {
+        vcpus,
+        stop,
+        io_bus,
+        mmio_bus,
+        ged,
+        bars,
+        pci,
+        vm_fd,
+        memory,
+    })
+}
+
+fn attach_platform_devices(
+    vm_fd: &VmFd,
+    io_bus: &Bus,
+    mmio_bus: &Bus,
+    pci: &Arc<Mutex<PciRoot>>,
+    console: &Console,
+    exit: &ExitRequester,
+) -> Result<Arc<Mutex<GedDevice>>, BuildError> {
+    vm_fd
+        .register_irqfd(console.irq(), SERIAL_GSI)
+        .map_err(kvm_err("wire the serial interrupt"))?;
+    io_bus.insert(console.device(), u64::from(SERIAL_PORT), 8)?;
+    io_bus.insert(
+        Arc::new(Mutex::new(AcpiPowerManagement::new(exit.clone()))),
+        u64::from(ACPI_PM_PORT),
+        ACPI_PM_SIZE,
+    )?;
+    io_bus.insert(
+        Arc::new(Mutex::new(I8042Reset::new(exit.clone()))),
+        u64::from(I8042_PORT),
+        I8042_PORT_LEN,
+    )?;
+    io_bus.insert(
+        Arc::new(Mutex::new(PciConfigIo::new(pci.clone(), exit.clone()))),
+        u64::from(PCI_CONFIG_PORT),
+        PCI_CONFIG_IO_SIZE,
+    )?;
+    mmio_bus.insert(
+        Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+        PCI_ECAM_START,
+        PCI_ECAM_SIZE,
+    )?;
+    let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    vm_fd
+        .register_irqfd(&ged_irq, GED_GSI)
+        .map_err(kvm_err("wire the GED interrupt"))?;
+    let ged = Arc::new(Mutex::new(GedDevice::new(ged_irq)));
+    mmio_bus.insert(ged.clone(), GED_MMIO_START, GED_MMIO_SIZE)?;
+    Ok(ged)
+}
+
+fn create_vcpus(
+    kvm: &Kvm,
+    vm_fd: &VmFd,
+    count: u8,
+    boot_info: boot::BootInfo,
+) -> Result<Vec<VcpuFd>, BuildError> {
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report supported CPUID"))?;
+    let mut vcpus = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
+        let vcpu = vm_fd
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err(format!("create vCPU {index}")))?;
+        let mut cpuid = supported.clone();
+        cpuid::configure_vcpu_cpuid(&mut cpuid, index, count);
+        vcpu.set_cpuid2(&cpuid)
+            .map_err(kvm_err(format!("set CPUID of vCPU {index}")))?;
+        regs::setup_vcpu_common(&vcpu)?;
+        if index == 0 {
+            regs::setup_pvh_boot_vcpu(&vcpu, boot_info.entry, boot_info.start_info)?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}

@@ -1,0 +1,286 @@
+//! A VM's configuration, validated before anything is created.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Errors in the configuration given by the user.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A size string that is not a number with an optional K/M/G/T suffix.
+    #[error("invalid size '{0}': expected a number with an optional K, M, G or T suffix (e.g. 512M, 2G)")]
+    InvalidSize(String),
+    /// A `key=value` option list that could not be parsed.
+    #[error("invalid --{option} value '{value}': {reason}")]
+    InvalidOption {
+        /// The option name.
+        option: &'static str,
+        /// What was given.
+        value: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Memory size out of bounds.
+    #[error("memory size {size} is invalid: {reason}")]
+    InvalidMemory {
+        /// The size given, as written.
+        size: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// vCPU count out of bounds.
+    #[error("--cpus {0} is invalid: between 1 and {MAX_VCPUS} vCPUs are supported")]
+    InvalidCpus(u32),
+    /// A file that must exist does not.
+    #[error("{what} {path} does not exist or is not readable")]
+    MissingFile {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+    },
+}
+
+/// Most vCPUs a VM may have (APIC IDs must fit the MADT's 8-bit field).
+pub const MAX_VCPUS: u32 = 254;
+/// Smallest boot memory a Linux guest can use.
+pub const MIN_MEMORY: u64 = 128 << 20;
+
+/// Where the guest console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// The VMM's stdout (and stdin for input).
+    Stdout,
+    /// Appended to a file (no input).
+    File(PathBuf),
+    /// A Unix socket the VMM listens on; one client at a time gets the console.
+    Socket(PathBuf),
+    /// A TCP address the VMM listens on; one client at a time gets the console.
+    Tcp(SocketAddr),
+    /// Discarded.
+    Off,
+}
+
+impl SerialConfig {
+    /// Parses `stdout`, `off`, `file=PATH`, `socket=PATH` or `tcp=ADDR`.
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: &str| ConfigError::InvalidOption {
+            option: "serial",
+            value: value.to_string(),
+            reason: reason.to_string(),
+        };
+        match value.split_once('=') {
+            None if value == "stdout" => Ok(SerialConfig::Stdout),
+            None if value == "off" => Ok(SerialConfig::Off),
+            Some(("file", path)) if !path.is_empty() => Ok(SerialConfig::File(path.into())),
+            Some(("socket", path)) if !path.is_empty() => Ok(SerialConfig::Socket(path.into())),
+            Some(("tcp", addr)) => addr
+                .parse()
+                .map(SerialConfig::Tcp)
+                .map_err(|_| invalid("tcp= needs an address like 127.0.0.1:4444")),
+            _ => Err(invalid(
+                "expected stdout, off, file=PATH, socket=PATH or tcp=ADDR",
+            )),
+        }
+    }
+}
+
+/// Boot memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Boot RAM in bytes.
+    pub size: u64,
+}
+
+impl MemoryConfig {
+    /// Parses `size=2G` (or just `2G`).
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        let mut size = None;
+        for item in value.split(',') {
+            match item.split_once('=') {
+                Some(("size", s)) => size = Some(parse_size(s)?),
+                None if size.is_none() => size = Some(parse_size(item)?),
+                _ => {
+                    return Err(ConfigError::InvalidOption {
+                        option: "memory",
+                        value: value.to_string(),
+                        reason: format!("unknown key in '{item}' (known: size)"),
+                    })
+                }
+            }
+        }
+        let size = size.ok_or_else(|| ConfigError::InvalidOption {
+            option: "memory",
+            value: value.to_string(),
+            reason: "size= is required".into(),
+        })?;
+        Ok(MemoryConfig { size })
+    }
+}
+
+/// Parses `512M`, `2G`, `1048576`, `4KiB`... (binary units).
+pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
+    let invalid = || ConfigError::InvalidSize(text.to_string());
+    let trimmed = text.trim();
+    let digits_end = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (number, suffix) = trimmed.split_at(digits_end);
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let shift = match suffix.to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(invalid()),
+    };
+    number.checked_mul(1 << shift).ok_or_else(invalid)
+}
+
+/// Everything needed to build and boot a VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// The uncompressed ELF vmlinux (PVH).
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPU count.
+    pub cpus: u8,
+    /// Boot memory.
+    pub memory: MemoryConfig,
+    /// The guest console.
+    pub serial: SerialConfig,
+}
+
+impl VmConfig {
+    /// Checks everything that can be checked before touching KVM.
+    pub fn validate(&self, host_memory: Option<u64>) -> Result<(), ConfigError> {
+        if !(1..=MAX_VCPUS).contains(&u32::from(self.cpus)) {
+            return Err(ConfigError::InvalidCpus(u32::from(self.cpus)));
+        }
+        let size = self.memory.size;
+        let shown = format_size(size);
+        if size < MIN_MEMORY {
+            return Err(ConfigError::InvalidMemory {
+                size: shown,
+                reason: "a Linux guest needs at least 128 MiB".into(),
+            });
+        }
+        if size % (2 << 20) != 0 {
+            return Err(ConfigError::InvalidMemory {
+                size: shown,
+                reason: "it must be a multiple of 2 MiB".into(),
+            });
+        }
+        if let Some(host) = host_memory {
+            if size > host {
+                return Err(ConfigError::InvalidMemory {
+                    size: shown,
+                    reason: format!("the host has only {} of RAM", format_size(host)),
+                });
+            }
+        }
+        for (what, path) in [
+            ("kernel", Some(&self.kernel)),
+            ("initramfs", self.initramfs.as_ref()),
+        ] {
+            if let Some(path) = path {
+                if std::fs::File::open(path).is_err() {
+                    return Err(ConfigError::MissingFile {
+                        what,
+                        path: path.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Formats a byte count for people: `512 MiB`, `6 GiB`, `1.5 GiB`.
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (unit, scale) in UNITS {
+        if bytes >= scale {
+            return if bytes % scale == 0 {
+                format!("{} {unit}", bytes / scale)
+            } else {
+                format!("{:.1} {unit}", bytes as f64 / scale as f64)
+            };
+        }
+    }
+    format!("{bytes} B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "G", "2X", "-1G", "1.5G", "99999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert_eq!(MemoryConfig::parse("size=6G").unwrap().size, 6 << 30);
+        assert_eq!(MemoryConfig::parse("1G").unwrap().size, 1 << 30);
+        assert!(MemoryConfig::parse("size=1G,foo=2").is_err());
+        assert!(MemoryConfig::parse("slots=2").is_err());
+        assert_eq!(format_size(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn serial_options() {
+        assert_eq!(SerialConfig::parse("stdout").unwrap(), SerialConfig::Stdout);
+        assert_eq!(
+            SerialConfig::parse("file=/tmp/x").unwrap(),
+            SerialConfig::File("/tmp/x".into())
+        );
+        assert!(matches!(
+            SerialConfig::parse("tcp=127.0.0.1:4000").unwrap(),
+            SerialConfig::Tcp(_)
+        ));
+        assert!(SerialConfig::parse("tcp=nonsense").is_err());
+        assert!(SerialConfig::parse("file=").is_err());
+        assert!(SerialConfig::parse("pty").is_err());
+    }
+
+    #[test]
+    fn validation_rejects_what_cannot_boot() {
+        let mut config = VmConfig {
+            kernel: "/proc/self/exe".into(),
+            initramfs: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory: MemoryConfig { size: 1 << 30 },
+            serial: SerialConfig::Off,
+        };
+        assert!(config.validate(Some(4 << 30)).is_ok());
+        let err = config.validate(Some(512 << 20)).unwrap_err().to_string();
+        assert!(err.contains("the host has only 512 MiB"), "{err}");
+        config.memory.size = 64 << 20;
+        assert!(config.validate(None).is_err());
+        config.memory.size = (1 << 30) + 4096;
+        assert!(config.validate(None).is_err());
+        config.memory.size = 1 << 30;
+        config.cpus = 0;
+        assert!(config.validate(None).is_err());
+        config.cpus = 1;
+        config.kernel = "/nonexistent/vmlinux".into();
+        assert!(config
+            .validate(None)
+            .unwrap_err()
+            .to_string()
+            .contains("/nonexistent/vmlinux"));
+    }
+}

@@ -1,0 +1,10 @@
+//! Emulated devices: the buses that route guest I/O, the platform devices, PCI.
+
+pub mod bus;
+pub mod ged;
+pub mod legacy;
+pub mod pci;
+pub mod platform;
+pub mod serial;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,23 @@
+//! tidevm's virtual machine monitor: everything between the command line and KVM.
+//!
+//! - [`arch`]: the x86-64 address map, CPUID and boot registers;
+//! - [`boot`]: PVH loading of the kernel;
+//! - [`memory`]: the memory manager, sole owner of guest memory and memory slots;
+//! - [`devices`]: buses, platform devices, PCI;
+//! - [`acpi`]: the ACPI tables;
+//! - [`vstate`]: the KVM VM and vCPU threads;
+//! - [`builder`] and [`vmm`]: config to running VM, and the control loop.
+
+pub mod acpi;
+pub mod arch;
+pub mod boot;
+pub mod builder;
+pub mod config;
+pub mod console;
+pub mod devices;
+pub mod memory;
+pub mod vmm;
+pub mod vstate;
+
+pub use config::VmConfig;
+pub use vmm::{Vmm, VmmError};

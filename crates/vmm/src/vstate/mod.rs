@@ -1,0 +1,52 @@
+//! The KVM-backed machine: the VM file descriptor and the vCPU threads.
+
+pub mod vcpu;
+pub mod vm;
+
+use std::sync::Arc;
+
+/// Why a VM stops running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExitReason {
+    /// The guest powered off (ACPI S5 or a KVM shutdown event).
+    Poweroff,
+    /// The guest asked for a reset (ACPI reset register, 0xcf9, i8042, triple fault).
+    Reset,
+    /// Something went wrong that the VM cannot survive.
+    Failed(String),
+}
+
+/// Lets devices and vCPUs tell the control loop that the VM must stop or reset.
+#[derive(Clone)]
+pub struct ExitRequester(Arc<dyn Fn(VmExitReason) + Send + Sync>);
+
+impl std::fmt::Debug for ExitRequester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExitRequester")
+    }
+}
+
+impl ExitRequester {
+    /// Calls `notify` for each request.
+    pub fn new(notify: impl Fn(VmExitReason) + Send + Sync + 'static) -> Self {
+        ExitRequester(Arc::new(notify))
+    }
+
+    /// Asks the control loop to end or reset the VM.
+    pub fn request(&self, reason: VmExitReason) {
+        (self.0)(reason)
+    }
+
+    /// A requester whose requests land in the returned receiver.
+    #[cfg(test)]
+    pub fn for_test() -> (Self, std::sync::mpsc::Receiver<VmExitReason>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        (
+            ExitRequester::new(move |r| {
+                let _ = tx.lock().unwrap().send(r);
+            }),
+            rx,
+        )
+    }
+}

@@ -1,0 +1,151 @@
+//! vCPU threads: run KVM_RUN and route the exits to the buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use super::{ExitRequester, VmExitReason};
+use crate::devices::Bus;
+
+/// The signal that knocks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the (empty) kick handler: its only purpose is to make KVM_RUN return EINTR.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), on_kick).map_err(std::io::Error::from)
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuContext {
+    /// vCPU index.
+    pub index: u8,
+    /// Port I/O.
+    pub io_bus: Arc<Bus>,
+    /// MMIO.
+    pub mmio_bus: Arc<Bus>,
+    /// Where to report power-off, reset and failures.
+    pub exit: ExitRequester,
+    /// Set by the control loop to stop every vCPU.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// A running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuThread {
+    handle: JoinHandle<()>,
+}
+
+impl VcpuThread {
+    /// Starts `vcpu` on its own thread.
+    pub fn spawn(vcpu: VcpuFd, ctx: VcpuContext) -> std::io::Result<Self> {
+        let handle = std::thread::Builder::new()
+            .name(format!("vcpu{}", ctx.index))
+            .spawn(move || run_vcpu(vcpu, ctx))?;
+        Ok(VcpuThread { handle })
+    }
+}
+
+/// Stops all `threads` (whose `stop` flag the caller has set) and waits for them.
+pub fn stop_vcpus(threads: Vec<VcpuThread>) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // A kick can land just before a thread enters KVM_RUN, so keep kicking until all are out.
+    while threads.iter().any(|t| !t.handle.is_finished()) && Instant::now() < deadline {
+        for t in threads.iter().filter(|t| !t.handle.is_finished()) {
+            let _ = t.handle.kill(kick_signal());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for t in threads {
+        if t.handle.is_finished() {
+            let _ = t.handle.join();
+        } else {
+            tracing::error!("a vCPU thread did not stop");
+        }
+    }
+}
+
+fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    while !ctx.stop.load(Ordering::Acquire) {
+        let outcome = match vcpu.run() {
+            Ok(exit) => handle_exit(exit, &ctx),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            Err(e) => Some(VmExitReason::Failed(format!(
+                "vCPU {} KVM_RUN failed: {e}",
+                ctx.index
+            ))),
+        };
+        if let Some(reason) = outcome {
+            ctx.exit.request(reason);
+            return;
+        }
+    }
+}
+
+/// Handles one exit; returns a reason when the VM has to stop.
+fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmExitReason> {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            if !ctx.io_bus.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::IoOut(port, data) => {
+            ctx.io_bus.write(u64::from(port), data);
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            if !ctx.mmio_bus.read(addr, data) {
+                tracing::debug!("unclaimed MMIO read at {addr:#x}");
+                data.fill(0xff);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            if !ctx.mmio_bus.write(addr, data) {
+                tracing::debug!("unclaimed MMIO write at {addr:#x}");
+            }
+        }
+        VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
+        VcpuExit::Shutdown => {
+            // A triple fault: what a PC does is reset.
+            return Some(VmExitReason::Reset);
+        }
+        VcpuExit::SystemEvent(kind, _) => {
+            return Some(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => VmExitReason::Poweroff,
+                KVM_SYSTEM_EVENT_RESET => VmExitReason::Reset,
+                KVM_SYSTEM_EVENT_CRASH => VmExitReason::Failed("guest crashed".into()),
+                other => VmExitReason::Failed(format!("unknown KVM system event {other}")),
+            });
+        }
+        VcpuExit::FailEntry(reason, cpu) => {
+            return Some(VmExitReason::Failed(format!(
+                "VM entry failed on vCPU {} (host CPU {cpu}, reason {reason:#x})",
+                ctx.index
+            )));
+        }
+        VcpuExit::InternalError => {
+            return Some(VmExitReason::Failed(format!(
+                "KVM internal error on vCPU {}",
+                ctx.index
+            )));
+        }
+        VcpuExit::MemoryFault { gpa, size, .. } => {
+            return Some(VmExitReason::Failed(format!(
+                "vCPU {} faulted on guest memory {gpa:#x}+{size:#x} with no host backing",
+                ctx.index
+            )));
+        }
+        other => {
+            tracing::warn!("vCPU {}: unhandled exit {other:?}", ctx.index);
+        }
+    }
+    None
+}
