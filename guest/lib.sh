@@ -9,6 +9,23 @@ DEB_DIR="$BUILD_DIR/debs"
 log() { echo "[$(basename "$0")] $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# apt-get update, once per script run: apt lists on a fresh machine may be
+# missing or name package versions the mirror no longer has.
+APT_UPDATED=0
+apt_update_once() {
+    [ "$APT_UPDATED" -eq 0 ] || return 0
+    APT_UPDATED=1
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    log "refreshing apt lists"
+    $sudo apt-get update -qq >&2 || log "apt-get update failed"
+}
+
+newest_cloud_kernel() {
+    apt-cache depends linux-image-6.12-cloud-amd64 2>/dev/null \
+        | awk '/Depends: linux-image-6\.12\..*-cloud-amd64/ { print $2; exit }'
+}
+
 # The newest Debian 6.12 cloud kernel package, unless pinned by the caller.
 kernel_package() {
     if [ -n "${TIDEVM_KERNEL_PKG:-}" ]; then
@@ -16,8 +33,11 @@ kernel_package() {
         return
     fi
     local pkg
-    pkg="$(apt-cache depends linux-image-6.12-cloud-amd64 2>/dev/null \
-        | awk '/Depends: linux-image-6\.12\..*-cloud-amd64/ { print $2; exit }')"
+    pkg="$(newest_cloud_kernel)"
+    if [ -z "$pkg" ]; then
+        apt_update_once
+        pkg="$(newest_cloud_kernel)"
+    fi
     [ -n "$pkg" ] || die "apt does not know linux-image-6.12-cloud-amd64 (run 'make deps' / apt-get update; it is in bookworm-security)"
     echo "$pkg"
 }
@@ -29,7 +49,10 @@ fetch_deb() {
     deb="$(ls "$DEB_DIR"/"${pkg}"_*.deb 2>/dev/null | head -1 || true)"
     if [ -z "$deb" ]; then
         log "downloading $pkg"
-        (cd "$DEB_DIR" && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
+        if ! (cd "$DEB_DIR" && apt-get download -q "$pkg" >&2); then
+            apt_update_once
+            (cd "$DEB_DIR" && apt-get download -q "$pkg" >&2) || die "apt-get download $pkg failed"
+        fi
         deb="$(ls "$DEB_DIR"/"${pkg}"_*.deb | head -1)"
     fi
     echo "$deb"
