@@ -6,5 +6,6 @@ pub mod legacy;
 pub mod pci;
 pub mod platform;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};

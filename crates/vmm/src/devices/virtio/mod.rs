@@ -1,0 +1,58 @@
+//! Virtio: the device trait shared by every virtio device, and the PCI transport.
+//!
+//! Threading: queue notifications arrive as ioeventfds and are processed on the VMM's control
+//! thread, which owns the [`MemoryManager`]; a device asks the manager for every plug, unplug
+//! and discard instead of touching host mappings itself.
+
+use vm_memory::GuestMemoryMmap;
+use virtio_queue::Queue;
+
+use crate::memory::MemoryManager;
+
+/// `VIRTIO_F_VERSION_1`: the modern interface (the only one tidevm offers).
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// Errors a device reports when the driver starts it.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver set up the queues wrongly.
+    #[error("virtio device cannot start: {0}")]
+    BadQueues(String),
+}
+
+/// What a device must do after processing a queue or a host request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Signal {
+    /// Raise the interrupt of the processed queue.
+    pub queue: bool,
+    /// Raise the configuration-change interrupt.
+    pub config: bool,
+}
+
+/// A virtio device behind some transport.
+pub trait VirtioDevice: Send {
+    /// Virtio device ID (24 virtio-mem, 5 balloon).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue (its length is the number of queues).
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver (including `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// Features the driver accepted; `false` refuses them (FEATURES_OK is not set).
+    fn ack_features(&mut self, features: u64) -> bool;
+    /// Reads the device configuration space; out-of-range bytes read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver writes the configuration space (most devices ignore it).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set DRIVER_OK: the queues are ready.
+    fn activate(&mut self, queues: Vec<Queue>) -> Result<(), ActivateError>;
+    /// The driver wrote 0 to the status register. A device reset must not change plugged
+    /// memory (virtio-mem: "MUST NOT change block state").
+    fn reset(&mut self);
+    /// The driver notified queue `index`: process what it made available.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        guest_memory: &GuestMemoryMmap,
+        memory: &mut MemoryManager,
+    ) -> Signal;
+}
