@@ -1,5 +1,6 @@
 //! The KVM-backed machine: the VM file descriptor and the vCPU threads.
 
+pub mod interrupts;
 pub mod vcpu;
 pub mod vm;
 

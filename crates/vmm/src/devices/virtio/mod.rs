@@ -5,6 +5,9 @@
 //! and discard instead of touching host mappings itself.
 
 use vm_memory::GuestMemoryMmap;
+
+pub mod msix;
+pub mod transport_pci;
 use virtio_queue::Queue;
 
 use crate::memory::MemoryManager;
