@@ -23,6 +23,8 @@ use crate::devices::platform::{AcpiPowerManagement, ACPI_PM_SIZE};
 use crate::devices::Bus;
 use crate::memory::MemoryManager;
 use crate::vstate::vcpu::{VcpuContext, VcpuThread};
+use crate::devices::virtio::transport_pci::VirtioPciDevice;
+use crate::vstate::interrupts::MsiRouting;
 use crate::vstate::vm;
 use crate::vstate::ExitRequester;
 
@@ -90,8 +92,12 @@ pub struct RunningVm {
     pub bars: BarAllocator,
     /// PCI bus 0.
     pub pci: Arc<Mutex<PciRoot>>,
+    /// Virtio devices on PCI, in the order their queue events are watched.
+    pub virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// GSI routes for MSI-X.
+    pub msi_routing: Arc<MsiRouting>,
     /// The KVM VM.
-    pub vm_fd: VmFd,
+    pub vm_fd: Arc<VmFd>,
     /// Guest memory, its layout and slots.
     pub memory: MemoryManager,
 }
@@ -103,7 +109,7 @@ pub fn build_vm(
     console: &Console,
     exit: &ExitRequester,
 ) -> Result<RunningVm, BuildError> {
-    let vm_fd = vm::create_vm(kvm)?;
+    let vm_fd = Arc::new(vm::create_vm(kvm)?);
     let layout = GuestLayout::new(config.memory.size);
     let mut memory = MemoryManager::new(layout.clone())?;
     memory.register_boot_ram(&vm_fd)?;
@@ -158,6 +164,8 @@ pub fn build_vm(
         ged,
         bars,
         pci,
+        virtio: Vec::new(),
+        msi_routing: Arc::new(MsiRouting::new(vm_fd.clone())),
         vm_fd,
         memory,
     })

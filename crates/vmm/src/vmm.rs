@@ -5,7 +5,11 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
 use kvm_ioctls::Kvm;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
 use tidevm_api::{ApiError, ApiRequest, ApiResponse, MemoryInfo, RequestHandler, VmInfo, VmState};
 
 use crate::builder::{build_vm, BuildError, RunningVm};
@@ -30,6 +34,9 @@ pub enum VmmError {
     /// The vCPU kick signal could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] std::io::Error),
+    /// The control loop's epoll or eventfd failed.
+    #[error("control loop I/O failed")]
+    Epoll(#[source] std::io::Error),
     /// The guest or KVM failed while running.
     #[error("the VM failed: {0}")]
     GuestFailed(String),
@@ -48,27 +55,54 @@ pub enum ControlEvent {
     Api(ApiRequest, Sender<Result<ApiResponse, ApiError>>),
 }
 
+/// Sends events to the control loop and wakes it (the loop sleeps in epoll).
+pub struct ControlSender {
+    tx: Mutex<Sender<ControlEvent>>,
+    wake: EventFd,
+}
+
+impl ControlSender {
+    fn new(tx: Sender<ControlEvent>, wake: &EventFd) -> std::io::Result<Self> {
+        Ok(ControlSender {
+            tx: Mutex::new(tx),
+            wake: wake.try_clone()?,
+        })
+    }
+
+    /// Queues `event`; false if the control loop is gone.
+    pub fn send(&self, event: ControlEvent) -> bool {
+        let sent = self
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(event)
+            .is_ok();
+        sent && self.wake.write(1).is_ok()
+    }
+}
+
 /// How long an API request may wait for the control loop (a reboot takes a moment).
 const API_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Forwards API requests from the server's threads to the control loop.
 pub struct ApiBridge {
-    events: Mutex<Sender<ControlEvent>>,
+    events: ControlSender,
 }
 
 impl RequestHandler for ApiBridge {
     fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
         let (reply_tx, reply_rx) = channel();
-        self.events
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .send(ControlEvent::Api(request, reply_tx))
-            .map_err(|_| ApiError::internal("the VMM is shutting down"))?;
+        if !self.events.send(ControlEvent::Api(request, reply_tx)) {
+            return Err(ApiError::internal("the VMM is shutting down"));
+        }
         reply_rx
             .recv_timeout(API_REPLY_TIMEOUT)
             .map_err(|_| ApiError::internal("the VMM did not answer in time"))?
     }
 }
+
+/// Epoll token of the control eventfd; queue notifications use 1 and up.
+const CONTROL_TOKEN: u64 = 0;
 
 /// Owns the VM across reboots.
 pub struct Vmm {
@@ -77,8 +111,12 @@ pub struct Vmm {
     console: Console,
     events_tx: Sender<ControlEvent>,
     events: Receiver<ControlEvent>,
+    wake: EventFd,
     generation: u64,
     vm: Option<RunningVm>,
+    epoll: Epoll,
+    /// What each epoll token (minus one) stands for: a virtio device and one of its queues.
+    queue_tokens: Vec<(usize, usize)>,
 }
 
 impl Vmm {
@@ -88,36 +126,68 @@ impl Vmm {
         let kvm = open_kvm()?;
         let console = Console::open(&config.serial)?;
         let (events_tx, events) = channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Epoll)?;
+        let epoll = Epoll::new().map_err(VmmError::Epoll)?;
         Ok(Vmm {
             kvm,
             config,
             console,
             events_tx,
             events,
+            wake,
             generation: 0,
             vm: None,
+            epoll,
+            queue_tokens: Vec::new(),
         })
     }
 
+    fn sender(&self) -> Result<ControlSender, VmmError> {
+        ControlSender::new(self.events_tx.clone(), &self.wake).map_err(VmmError::Epoll)
+    }
+
     /// The handler to give the API server.
-    pub fn api_handler(&self) -> Arc<dyn RequestHandler> {
-        Arc::new(ApiBridge {
-            events: Mutex::new(self.events_tx.clone()),
-        })
+    pub fn api_handler(&self) -> Result<Arc<dyn RequestHandler>, VmmError> {
+        Ok(Arc::new(ApiBridge {
+            events: self.sender()?,
+        }))
     }
 
     fn boot(&mut self) -> Result<(), VmmError> {
         self.generation += 1;
         let generation = self.generation;
-        let tx = Mutex::new(self.events_tx.clone());
+        let sender = self.sender()?;
         let exit = ExitRequester::new(move |reason| {
-            let _ = tx
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .send(ControlEvent::VmExit { generation, reason });
+            sender.send(ControlEvent::VmExit { generation, reason });
         });
-        self.vm = Some(build_vm(&self.kvm, &self.config, &self.console, &exit)?);
+        let vm = build_vm(&self.kvm, &self.config, &self.console, &exit)?;
+        self.watch_events(&vm)?;
+        self.vm = Some(vm);
         tracing::info!("VM booting (boot #{generation})");
+        Ok(())
+    }
+
+    /// A fresh epoll set: the control eventfd plus every queue notification of `vm`.
+    fn watch_events(&mut self, vm: &RunningVm) -> Result<(), VmmError> {
+        self.epoll = Epoll::new().map_err(VmmError::Epoll)?;
+        self.queue_tokens.clear();
+        let add = |epoll: &Epoll, fd: i32, token: u64| {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
+                .map_err(VmmError::Epoll)
+        };
+        add(&self.epoll, self.wake.as_raw_fd(), CONTROL_TOKEN)?;
+        for (device_index, device) in vm.virtio.iter().enumerate() {
+            let device = device.lock().unwrap_or_else(|e| e.into_inner());
+            for (queue_index, evt) in device.queue_events().iter().enumerate() {
+                self.queue_tokens.push((device_index, queue_index));
+                add(&self.epoll, evt.as_raw_fd(), self.queue_tokens.len() as u64)?;
+            }
+        }
         Ok(())
     }
 
@@ -132,35 +202,66 @@ impl Vmm {
     /// Returns the process exit code.
     pub fn run(mut self) -> Result<i32, VmmError> {
         self.boot()?;
+        let mut ready = vec![EpollEvent::default(); 32];
         loop {
-            let Ok(event) = self.events.recv() else {
-                return Ok(0);
+            let count = match self.epoll.wait(-1, &mut ready) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmmError::Epoll(e)),
             };
-            match event {
-                ControlEvent::VmExit { generation, .. } if generation != self.generation => {}
-                ControlEvent::VmExit { reason, .. } => match reason {
-                    VmExitReason::Poweroff => {
-                        tracing::info!("guest powered off");
-                        self.stop_vm();
-                        return Ok(0);
-                    }
-                    VmExitReason::Reset => {
-                        tracing::info!("guest reset: rebooting");
-                        self.stop_vm();
-                        self.boot()?;
-                    }
-                    VmExitReason::Failed(message) => {
-                        self.stop_vm();
-                        return Err(VmmError::GuestFailed(message));
-                    }
-                },
-                ControlEvent::Api(request, reply) => {
-                    if let Some(code) = self.handle_api(request, reply)? {
-                        return Ok(code);
-                    }
+            for event in ready.iter().take(count) {
+                let token = event.data();
+                if token != CONTROL_TOKEN {
+                    self.process_queue_notification(token);
+                }
+            }
+            let _ = self.wake.read();
+            while let Ok(event) = self.events.try_recv() {
+                if let Some(code) = self.handle_event(event)? {
+                    return Ok(code);
                 }
             }
         }
+    }
+
+    fn process_queue_notification(&mut self, token: u64) {
+        let Some(&(device_index, queue_index)) = self.queue_tokens.get(token as usize - 1) else {
+            return;
+        };
+        let Some(vm) = self.vm.as_mut() else {
+            return;
+        };
+        let Some(device) = vm.virtio.get(device_index) else {
+            return;
+        };
+        let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = device.queue_events()[queue_index].read();
+        let guest_memory = vm.memory.guest_memory().clone();
+        device.process_queue(queue_index, &guest_memory, &mut vm.memory);
+    }
+
+    fn handle_event(&mut self, event: ControlEvent) -> Result<Option<i32>, VmmError> {
+        match event {
+            ControlEvent::VmExit { generation, .. } if generation != self.generation => {}
+            ControlEvent::VmExit { reason, .. } => match reason {
+                VmExitReason::Poweroff => {
+                    tracing::info!("guest powered off");
+                    self.stop_vm();
+                    return Ok(Some(0));
+                }
+                VmExitReason::Reset => {
+                    tracing::info!("guest reset: rebooting");
+                    self.stop_vm();
+                    self.boot()?;
+                }
+                VmExitReason::Failed(message) => {
+                    self.stop_vm();
+                    return Err(VmmError::GuestFailed(message));
+                }
+            },
+            ControlEvent::Api(request, reply) => return self.handle_api(request, reply),
+        }
+        Ok(None)
     }
 
     /// Answers one request; returns an exit code when the VMM must end.

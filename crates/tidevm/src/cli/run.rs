@@ -61,7 +61,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let vmm = Vmm::new(config)?;
     if let Some(server) = &api {
         server
-            .spawn(vmm.api_handler())
+            .spawn(vmm.api_handler()?)
             .context("cannot start the API server")?;
     }
     let result = vmm.run();
