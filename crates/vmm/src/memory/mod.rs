@@ -5,6 +5,11 @@
 //! memory itself.
 
 mod backing;
+mod bitmap;
+mod discard;
+mod hotplug;
+#[cfg(test)]
+mod tests_hotplug;
 
 use std::sync::Arc;
 
@@ -16,6 +21,9 @@ use vm_memory::{
 
 use crate::arch::x86_64::layout::{GuestLayout, GuestRange};
 pub use backing::host_memory_bytes;
+pub use hotplug::{
+    Backing, BlockRangeState, HotplugRegionId, HotplugRegionInfo, PlugError, UnpluggedAccess,
+};
 
 /// Errors of the memory manager.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +55,24 @@ pub enum MemoryError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A hotplug region was asked for with an unusable range or block size.
+    #[error("invalid hotplug region {start:#x}+{size:#x}: {reason}")]
+    InvalidHotplugRegion {
+        /// Guest-physical start.
+        start: u64,
+        /// Size in bytes.
+        size: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A hugetlb-backed region needs blocks of at least one huge page.
+    #[error("block size {block_size:#x} is smaller than the huge page size {page_size:#x}")]
+    BlockSmallerThanPage {
+        /// Requested block size.
+        block_size: u64,
+        /// Huge page size of the backing.
+        page_size: u64,
+    },
 }
 
 /// A KVM memory slot and what it maps.
@@ -67,6 +93,7 @@ pub struct MemoryManager {
     guest_memory: GuestMemoryMmap,
     slots: Vec<MemorySlot>,
     next_slot: u32,
+    hotplug: Vec<hotplug::HotplugRegion>,
 }
 
 impl MemoryManager {
@@ -96,6 +123,7 @@ impl MemoryManager {
             guest_memory,
             slots: Vec::new(),
             next_slot: 0,
+            hotplug: Vec::new(),
         })
     }
 
@@ -104,7 +132,10 @@ impl MemoryManager {
         &self.layout
     }
 
-    /// Boot RAM, for loaders and devices that read or write guest memory.
+    /// Boot RAM and every hotplug region, for loaders and devices that read or write guest
+    /// memory. Hotplug regions are only partly accessible: check
+    /// [`MemoryManager::is_accessible`] before touching anything a guest driver pointed at.
+    /// The collection is rebuilt when a region is added; clones taken before miss it.
     pub fn guest_memory(&self) -> &GuestMemoryMmap {
         &self.guest_memory
     }
@@ -119,6 +150,7 @@ impl MemoryManager {
         let regions: Vec<(u64, u64, u64)> = self
             .guest_memory
             .iter()
+            .filter(|r| self.is_boot_ram(r.start_addr().0, r.len()))
             .map(|r| (r.start_addr().0, r.len(), r.as_ptr() as u64))
             .collect();
         for (start, size, host_addr) in regions {

@@ -1,0 +1,481 @@
+//! Hotplug regions: guest-physical ranges whose memory is plugged and unplugged in blocks.
+//!
+//! A region is mapped once (`MAP_NORESERVE`), registered with KVM as a single memory slot, and
+//! starts fully unplugged. Unplugged blocks are discarded and `PROT_NONE`, so a guest access to
+//! them exits to the VMM (an MMIO exit under shadow paging, EFAULT or KVM_EXIT_MEMORY_FAULT on
+//! TDP hosts) instead of silently allocating host memory. The plug state (one bit per block)
+//! lives here, in the manager, so that the guest-memory accessors and the vCPU exit handler can
+//! consult it; devices only ask for state changes.
+
+use super::bitmap::BlockBitmap;
+use super::discard::HostMapping;
+use super::{MemoryError, MemoryManager, MemorySlot};
+use crate::arch::x86_64::layout::GuestRange;
+use kvm_ioctls::VmFd;
+
+/// Smallest block: one host page.
+const MIN_BLOCK_SIZE: u64 = 4096;
+
+/// How a hotplug region is backed on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// Private anonymous memory; discarded with `MADV_DONTNEED`.
+    Anonymous,
+    /// A shared memfd; discarded by punching holes in the file.
+    Memfd,
+    /// A hugetlb memfd with pages of `page_size` bytes (2 MiB or 1 GiB). Blocks are always
+    /// populated on plug, because a fault on an empty pool would be a SIGBUS at guest run time.
+    Hugetlbfs {
+        /// Huge page size in bytes.
+        page_size: u64,
+    },
+}
+
+/// Names a hotplug region of one [`MemoryManager`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HotplugRegionId(usize);
+
+impl HotplugRegionId {
+    /// Position of the region in the manager (regions are never removed).
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// Plug state of a range of blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockRangeState {
+    /// Every block is plugged.
+    Plugged,
+    /// No block is plugged.
+    Unplugged,
+    /// Some blocks are plugged, some not.
+    Mixed,
+}
+
+/// A guest-physical address inside a hotplug region that is not plugged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnpluggedAccess {
+    /// The region.
+    pub region: HotplugRegionId,
+    /// The region's guest-physical range.
+    pub range: GuestRange,
+    /// Index of the unplugged block containing the address.
+    pub block: u64,
+}
+
+/// Description of a hotplug region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HotplugRegionInfo {
+    /// Guest-physical range.
+    pub range: GuestRange,
+    /// Block size in bytes.
+    pub block_size: u64,
+    /// Host backing.
+    pub backing: Backing,
+    /// Whether plugging faults the backing in first.
+    pub prealloc: bool,
+    /// KVM slot id, once registered.
+    pub slot: Option<u32>,
+}
+
+/// Why a plug or unplug failed. After an error the blocks named in it keep their old state.
+#[derive(Debug, thiserror::Error)]
+pub enum PlugError {
+    /// No such region.
+    #[error("no hotplug region {0:?}")]
+    UnknownRegion(HotplugRegionId),
+    /// The block range does not lie inside the region.
+    #[error("blocks {first}+{count} are outside the region's {blocks} blocks")]
+    OutOfRange {
+        /// First block asked for.
+        first: u64,
+        /// Number of blocks asked for.
+        count: u64,
+        /// Blocks in the region.
+        blocks: u64,
+    },
+    /// The host could not provide memory for the blocks (hugetlb pool empty, cgroup limit, ...).
+    #[error("cannot populate {size:#x} bytes at {gpa:#x}")]
+    Populate {
+        /// Guest-physical start of the failed run.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Changing the protection of the host mapping failed (e.g. vm.max_map_count reached).
+    #[error("cannot change protection of {size:#x} bytes at {gpa:#x}")]
+    Protect {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Size.
+        size: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Discarding the memory of unplugged blocks failed.
+    #[error("cannot discard {size:#x} bytes at {gpa:#x}")]
+    Discard {
+        /// Guest-physical start.
+        gpa: u64,
+        /// Size.
+        size: u64,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One hotplug region and its plug bitmap.
+#[derive(Debug)]
+pub(crate) struct HotplugRegion {
+    range: GuestRange,
+    block_size: u64,
+    prealloc: bool,
+    mapping: HostMapping,
+    plugged: BlockBitmap,
+    slot: Option<u32>,
+    /// Test hook: `Some(n)` lets n more populate calls succeed, then fails one as if the host
+    /// were out of memory.
+    #[cfg(test)]
+    pub(crate) populate_budget: Option<u32>,
+}
+
+impl HotplugRegion {
+    fn info(&self) -> HotplugRegionInfo {
+        HotplugRegionInfo {
+            range: self.range,
+            block_size: self.block_size,
+            backing: self.mapping.backing(),
+            prealloc: self.prealloc,
+            slot: self.slot,
+        }
+    }
+
+    fn check(&self, first: u64, count: u64) -> Result<(), PlugError> {
+        let blocks = self.plugged.len();
+        match first.checked_add(count) {
+            Some(end) if end <= blocks => Ok(()),
+            _ => Err(PlugError::OutOfRange {
+                first,
+                count,
+                blocks,
+            }),
+        }
+    }
+
+    /// Guest address and byte offset/length of a block run.
+    fn bytes(&self, first: u64, count: u64) -> (u64, u64, u64) {
+        let offset = first * self.block_size;
+        (self.range.start + offset, offset, count * self.block_size)
+    }
+
+    fn populate(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        match self.populate_budget {
+            Some(0) => {
+                self.populate_budget = None;
+                return Err(std::io::Error::from_raw_os_error(libc::ENOMEM));
+            }
+            Some(n) => self.populate_budget = Some(n - 1),
+            None => {}
+        }
+        self.mapping.populate(offset, len)
+    }
+
+    /// Plugs one run of unplugged blocks; on failure the run is left unplugged.
+    fn plug_run(&mut self, first: u64, count: u64) -> Result<(), PlugError> {
+        let (gpa, offset, size) = self.bytes(first, count);
+        self.mapping
+            .protect(offset, size, true)
+            .map_err(|source| PlugError::Protect { gpa, size, source })?;
+        let populate = self.prealloc || matches!(self.mapping.backing(), Backing::Hugetlbfs { .. });
+        if populate {
+            if let Err(source) = self.populate(offset, size) {
+                // Give back whatever got faulted in before the failure, and close the range
+                // again. Errors here would leave RW-but-unplugged memory, so report them.
+                self.unplug_run(first, count)?;
+                return Err(PlugError::Populate { gpa, size, source });
+            }
+        }
+        self.plugged.set_range(first, count, true);
+        Ok(())
+    }
+
+    /// Discards and protects one run of blocks, then marks it unplugged.
+    fn unplug_run(&mut self, first: u64, count: u64) -> Result<(), PlugError> {
+        let (gpa, offset, size) = self.bytes(first, count);
+        self.mapping
+            .discard(offset, size)
+            .map_err(|source| PlugError::Discard { gpa, size, source })?;
+        self.mapping
+            .protect(offset, size, false)
+            .map_err(|source| PlugError::Protect { gpa, size, source })?;
+        self.plugged.set_range(first, count, false);
+        Ok(())
+    }
+
+    /// Whether `[gpa, end)` (inside this region) is entirely plugged.
+    fn all_plugged(&self, gpa: u64, end: u64) -> bool {
+        let first = (gpa - self.range.start) / self.block_size;
+        let last = (end - 1 - self.range.start) / self.block_size;
+        self.plugged.count_range(first, last - first + 1) == last - first + 1
+    }
+}
+
+impl MemoryManager {
+    /// Maps a hotplug region over `range`, fully unplugged and inaccessible, and registers it
+    /// with `vm` as one memory slot. It also becomes part of [`MemoryManager::guest_memory`].
+    pub fn add_hotplug_region(
+        &mut self,
+        vm: &VmFd,
+        range: GuestRange,
+        block_size: u64,
+        backing: Backing,
+        prealloc: bool,
+    ) -> Result<HotplugRegionId, MemoryError> {
+        let id = self.map_hotplug_region(range, block_size, backing, prealloc)?;
+        let slot = MemorySlot {
+            slot: self.next_slot,
+            range,
+            host_addr: self.hotplug[id.0].mapping.host_addr(),
+        };
+        self.set_slot(vm, &slot)?;
+        self.next_slot += 1;
+        self.slots.push(slot);
+        self.hotplug[id.0].slot = Some(slot.slot);
+        Ok(id)
+    }
+
+    fn check_hotplug_range(
+        &self,
+        range: GuestRange,
+        block_size: u64,
+        backing: Backing,
+    ) -> Result<(), MemoryError> {
+        let bad = |reason: String| MemoryError::InvalidHotplugRegion {
+            start: range.start,
+            size: range.size,
+            reason,
+        };
+        if let Backing::Hugetlbfs { page_size } = backing {
+            if !page_size.is_power_of_two() || page_size < MIN_BLOCK_SIZE {
+                return Err(bad(format!("huge page size {page_size:#x} is invalid")));
+            }
+            if block_size < page_size {
+                return Err(MemoryError::BlockSmallerThanPage {
+                    block_size,
+                    page_size,
+                });
+            }
+        }
+        if !block_size.is_power_of_two() || block_size < MIN_BLOCK_SIZE {
+            return Err(bad(format!(
+                "block size {block_size:#x} is not a power of two >= 4 KiB"
+            )));
+        }
+        if range.size == 0
+            || !range.start.is_multiple_of(block_size)
+            || !range.size.is_multiple_of(block_size)
+        {
+            return Err(bad(format!(
+                "not a non-empty multiple of the block size {block_size:#x}"
+            )));
+        }
+        let area = self.layout.hotplug_area;
+        let inside = range.start >= area.start
+            && range
+                .start
+                .checked_add(range.size)
+                .is_some_and(|end| end <= area.end());
+        if !inside {
+            return Err(bad(format!(
+                "outside the hotplug area {:#x}+{:#x}",
+                area.start, area.size
+            )));
+        }
+        let end = range.end();
+        if let Some(other) = self
+            .hotplug
+            .iter()
+            .find(|r| range.start < r.range.end() && r.range.start < end)
+        {
+            return Err(bad(format!(
+                "overlaps the region at {:#x}",
+                other.range.start
+            )));
+        }
+        Ok(())
+    }
+
+    /// Maps a hotplug region without registering it with a VM (the device tests use guest
+    /// memory but no VM).
+    pub(crate) fn map_hotplug_region(
+        &mut self,
+        range: GuestRange,
+        block_size: u64,
+        backing: Backing,
+        prealloc: bool,
+    ) -> Result<HotplugRegionId, MemoryError> {
+        self.check_hotplug_range(range, block_size, backing)?;
+        let map_err = |source| MemoryError::Map {
+            start: range.start,
+            size: range.size,
+            source,
+        };
+        let mapping = HostMapping::new(range.start, range.size, backing).map_err(map_err)?;
+        let guest_memory = self
+            .guest_memory
+            .insert_region(mapping.region().clone())
+            .map_err(MemoryError::Collection)?;
+        self.guest_memory = guest_memory;
+        self.hotplug.push(HotplugRegion {
+            range,
+            block_size,
+            prealloc,
+            plugged: BlockBitmap::new(range.size / block_size),
+            mapping,
+            slot: None,
+            #[cfg(test)]
+            populate_budget: None,
+        });
+        Ok(HotplugRegionId(self.hotplug.len() - 1))
+    }
+
+    pub(crate) fn region_mut(
+        &mut self,
+        id: HotplugRegionId,
+    ) -> Result<&mut HotplugRegion, PlugError> {
+        self.hotplug
+            .get_mut(id.0)
+            .ok_or(PlugError::UnknownRegion(id))
+    }
+
+    fn region(&self, id: HotplugRegionId) -> Result<&HotplugRegion, PlugError> {
+        self.hotplug.get(id.0).ok_or(PlugError::UnknownRegion(id))
+    }
+
+    /// Describes a hotplug region.
+    pub fn hotplug_region(&self, id: HotplugRegionId) -> Option<HotplugRegionInfo> {
+        self.hotplug.get(id.0).map(HotplugRegion::info)
+    }
+
+    /// Plugs `count` blocks from `first_block`: makes them accessible and, with prealloc,
+    /// faults their backing in. Blocks already plugged stay as they are. All or nothing: on
+    /// error no block of the range changes state.
+    pub fn plug(
+        &mut self,
+        id: HotplugRegionId,
+        first_block: u64,
+        count: u64,
+    ) -> Result<(), PlugError> {
+        let region = self.region_mut(id)?;
+        region.check(first_block, count)?;
+        let runs = region.plugged.runs(first_block, count, false);
+        for (i, &(first, n)) in runs.iter().enumerate() {
+            if let Err(e) = region.plug_run(first, n) {
+                for &(first, n) in &runs[..i] {
+                    // Best effort: the original error is the one worth reporting.
+                    let _ = region.unplug_run(first, n);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unplugs `count` blocks from `first_block`: discards their memory and makes them
+    /// inaccessible. Blocks already unplugged stay as they are.
+    pub fn unplug(
+        &mut self,
+        id: HotplugRegionId,
+        first_block: u64,
+        count: u64,
+    ) -> Result<(), PlugError> {
+        let region = self.region_mut(id)?;
+        region.check(first_block, count)?;
+        for (first, n) in region.plugged.runs(first_block, count, true) {
+            region.unplug_run(first, n)?;
+        }
+        Ok(())
+    }
+
+    /// Unplugs every block of the region.
+    pub fn unplug_all(&mut self, id: HotplugRegionId) -> Result<(), PlugError> {
+        let blocks = self.region(id)?.plugged.len();
+        self.unplug(id, 0, blocks)
+    }
+
+    /// Plug state of `count` blocks from `first_block` (`count` 0 reads as unplugged).
+    pub fn block_state(
+        &self,
+        id: HotplugRegionId,
+        first_block: u64,
+        count: u64,
+    ) -> Result<BlockRangeState, PlugError> {
+        let region = self.region(id)?;
+        region.check(first_block, count)?;
+        Ok(match region.plugged.count_range(first_block, count) {
+            0 => BlockRangeState::Unplugged,
+            n if n == count => BlockRangeState::Plugged,
+            _ => BlockRangeState::Mixed,
+        })
+    }
+
+    /// Bytes currently plugged in the region.
+    pub fn plugged_bytes(&self, id: HotplugRegionId) -> Result<u64, PlugError> {
+        let region = self.region(id)?;
+        Ok(region.plugged.count_ones() * region.block_size)
+    }
+
+    /// Whether the VMM may read or write all of `[gpa, gpa+len)`: true only if every byte is
+    /// boot RAM or a plugged hotplug block. Every VMM access to guest memory that a guest
+    /// driver can steer must pass this check first: unplugged blocks are `PROT_NONE` and
+    /// touching them would kill the VMM with SIGSEGV. A zero-length range touches nothing.
+    pub fn is_accessible(&self, gpa: u64, len: u64) -> bool {
+        let Some(end) = gpa.checked_add(len) else {
+            return false;
+        };
+        let mut cur = gpa;
+        while cur < end {
+            if let Some(ram) = self.layout.ram.iter().find(|r| r.contains(cur)) {
+                cur = end.min(ram.end());
+            } else if let Some(region) = self.hotplug.iter().find(|r| r.range.contains(cur)) {
+                let stop = end.min(region.range.end());
+                if !region.all_plugged(cur, stop) {
+                    return false;
+                }
+                cur = stop;
+            } else {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// If `gpa` lies in a hotplug region but not in a plugged block, says where: the vCPU
+    /// loop uses it to report a guest touching memory it does not own.
+    pub fn find_unplugged_access(&self, gpa: u64) -> Option<UnpluggedAccess> {
+        self.hotplug.iter().enumerate().find_map(|(i, region)| {
+            if !region.range.contains(gpa) {
+                return None;
+            }
+            let block = (gpa - region.range.start) / region.block_size;
+            (!region.plugged.get(block)).then_some(UnpluggedAccess {
+                region: HotplugRegionId(i),
+                range: region.range,
+                block,
+            })
+        })
+    }
+
+    /// The host mapping of a region (tests measure residency through it).
+    #[cfg(test)]
+    pub(crate) fn hotplug_mapping(&self, id: HotplugRegionId) -> &HostMapping {
+        &self.hotplug[id.0].mapping
+    }
+}
