@@ -1,0 +1,68 @@
+//! Per-device virtio-mem counters (kept in the device, no globals, so several devices and
+//! several VMs in one process never mix their numbers).
+
+use std::time::Duration;
+
+use super::request::{RequestKind, ResponseType};
+
+/// How often each response type was sent for one request type.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResponseCounts {
+    /// ACK responses.
+    pub ack: u64,
+    /// NACK responses.
+    pub nack: u64,
+    /// BUSY responses.
+    pub busy: u64,
+    /// ERROR responses.
+    pub error: u64,
+}
+
+impl ResponseCounts {
+    fn bump(&mut self, ty: ResponseType) {
+        let counter = match ty {
+            ResponseType::Ack => &mut self.ack,
+            ResponseType::Nack => &mut self.nack,
+            ResponseType::Busy => &mut self.busy,
+            ResponseType::Error => &mut self.error,
+        };
+        *counter += 1;
+    }
+}
+
+/// Counters of one virtio-mem device.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VirtioMemMetrics {
+    /// PLUG responses.
+    pub plug: ResponseCounts,
+    /// UNPLUG responses.
+    pub unplug: ResponseCounts,
+    /// UNPLUG_ALL responses.
+    pub unplug_all: ResponseCounts,
+    /// STATE responses.
+    pub state: ResponseCounts,
+    /// Chains that were not a valid request (bad descriptors, unknown type, inaccessible).
+    pub malformed: u64,
+    /// Queue notifications ignored because the rings lie outside accessible memory.
+    pub bad_rings: u64,
+    /// Bytes plugged by acknowledged requests.
+    pub bytes_plugged: u64,
+    /// Bytes unplugged by acknowledged requests (UNPLUG and UNPLUG_ALL).
+    pub bytes_unplugged: u64,
+    /// Time spent handling PLUG requests (mostly the memory manager's mprotect/populate).
+    pub plug_time: Duration,
+    /// Time spent handling UNPLUG and UNPLUG_ALL requests (mostly discarding).
+    pub unplug_time: Duration,
+}
+
+impl VirtioMemMetrics {
+    /// Counts one response.
+    pub(crate) fn record(&mut self, kind: RequestKind, ty: ResponseType) {
+        match kind {
+            RequestKind::Plug => self.plug.bump(ty),
+            RequestKind::Unplug => self.unplug.bump(ty),
+            RequestKind::UnplugAll => self.unplug_all.bump(ty),
+            RequestKind::State => self.state.bump(ty),
+        }
+    }
+}
