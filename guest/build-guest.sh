@@ -52,6 +52,9 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
+# Through printk, so this shows on the console even if the serial driver's
+# interrupt-driven tty output (everything below) does not work.
+echo "tidevm-guest: userspace init running" > /dev/kmsg
 # Keep kernel chatter (below warnings) off the serial console: the test
 # harness reads command output from it.
 echo 4 > /proc/sys/kernel/printk

@@ -334,7 +334,8 @@ tidevm inside it); logs in {} ====",
         }
     }
 
-    pub(crate) fn lane_tidevm(&self) -> &str {
+    /// Path of the tidevm binary as seen from inside the lane.
+    pub fn lane_tidevm(&self) -> &str {
         &self.lane_tidevm
     }
     pub(crate) fn lane_work_dir(&self) -> &str {

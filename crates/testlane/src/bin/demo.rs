@@ -116,7 +116,7 @@ fn stream_boot(guest: &Guest<'_>, timeout: Duration) -> Result<(), LaneError> {
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return guest.wait_ready(Duration::ZERO);
+            return Err(guest.failure(format!("the guest shell was not ready within {timeout:?}")));
         }
         thread::sleep(Duration::from_millis(500));
     }
