@@ -312,9 +312,10 @@ impl MemoryManager {
         Ok(())
     }
 
-    /// Maps a hotplug region without registering it with a VM (the device tests use guest
-    /// memory but no VM).
-    pub(crate) fn map_hotplug_region(
+    /// Maps a hotplug region like [`MemoryManager::add_hotplug_region`] but registers it with
+    /// no VM: for tests and the fuzz targets, which need the real plug/protect machinery but
+    /// no guest. A VM must not run on a region added this way (it has no memory slot).
+    pub fn map_hotplug_region(
         &mut self,
         range: GuestRange,
         block_size: u64,
