@@ -20,11 +20,11 @@ use crate::devices::legacy::{I8042Reset, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pci::root::PCI_CONFIG_IO_SIZE;
 use crate::devices::pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot};
 use crate::devices::platform::{AcpiPowerManagement, ACPI_PM_SIZE};
+use crate::devices::virtio::transport_pci::VirtioPciDevice;
 use crate::devices::Bus;
 use crate::memory::MemoryManager;
-use crate::vstate::vcpu::{VcpuContext, VcpuThread};
-use crate::devices::virtio::transport_pci::VirtioPciDevice;
 use crate::vstate::interrupts::MsiRouting;
+use crate::vstate::vcpu::{VcpuContext, VcpuThread};
 use crate::vstate::vm;
 use crate::vstate::ExitRequester;
 

@@ -168,7 +168,7 @@ impl VmConfig {
                 reason: "a Linux guest needs at least 128 MiB".into(),
             });
         }
-        if size % (2 << 20) != 0 {
+        if !size.is_multiple_of(2 << 20) {
             return Err(ConfigError::InvalidMemory {
                 size: shown,
                 reason: "it must be a multiple of 2 MiB".into(),
@@ -209,7 +209,7 @@ pub fn format_size(bytes: u64) -> String {
     ];
     for (unit, scale) in UNITS {
         if bytes >= scale {
-            return if bytes % scale == 0 {
+            return if bytes.is_multiple_of(scale) {
                 format!("{} {unit}", bytes / scale)
             } else {
                 format!("{:.1} {unit}", bytes as f64 / scale as f64)

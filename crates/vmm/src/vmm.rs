@@ -8,9 +8,9 @@ use std::time::Duration;
 use std::os::fd::AsRawFd;
 
 use kvm_ioctls::Kvm;
+use tidevm_api::{ApiError, ApiRequest, ApiResponse, MemoryInfo, RequestHandler, VmInfo, VmState};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
-use tidevm_api::{ApiError, ApiRequest, ApiResponse, MemoryInfo, RequestHandler, VmInfo, VmState};
 
 use crate::builder::{build_vm, BuildError, RunningVm};
 use crate::config::VmConfig;

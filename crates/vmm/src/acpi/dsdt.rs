@@ -10,7 +10,7 @@ use acpi_tables::Aml;
 
 use crate::arch::x86_64::layout::{
     GuestRange, GED_GSI, GED_MMIO_SIZE, GED_MMIO_START, PCI_CONFIG_PORT, PCI_ECAM_SIZE,
-    PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START,
+    PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START, SERIAL_GSI, SERIAL_PORT,
 };
 use crate::devices::ged::event;
 use crate::devices::platform::ACPI_S5_SLEEP_TYPE;
@@ -41,6 +41,7 @@ pub fn build_dsdt(config: &DsdtConfig) -> Vec<u8> {
     motherboard_resources().to_aml_bytes(&mut body);
     generic_event_device().to_aml_bytes(&mut body);
     power_button().to_aml_bytes(&mut body);
+    com1().to_aml_bytes(&mut body);
     s5().to_aml_bytes(&mut body);
     dsdt.append_slice(&body);
     dsdt.update_checksum();
@@ -168,6 +169,23 @@ fn power_button() -> Owned {
     ))
 }
 
+/// COM1 as a PNP device. On a hardware-reduced ACPI platform Linux sets up no legacy ISA
+/// IRQs, so the UART's interrupt only works when ACPI describes it (the PNP 8250 driver then
+/// maps GSI 4 and takes over the legacy port).
+fn com1() -> Owned {
+    let interrupt = Interrupt::new(true, true, false, false, SERIAL_GSI);
+    let ports = IO::new(SERIAL_PORT, SERIAL_PORT, 1, 8);
+    let crs = ResourceTemplate::new(vec![&interrupt, &ports]);
+    encode(&Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &Name::new("_HID".into(), &EISAName::new("PNP0501")),
+            &Name::new("_UID".into(), &aml::ZERO),
+            &Name::new("_CRS".into(), &crs),
+        ],
+    ))
+}
+
 /// `_S5_`: the sleep type Linux writes to the sleep control register to power off.
 fn s5() -> Owned {
     encode(&Name::new(
@@ -189,7 +207,9 @@ mod tests {
             dsdt.len()
         );
         let text = String::from_utf8_lossy(&dsdt);
-        for needle in ["PCI0", "MBRD", "GED_", "ACPI0013", "PWRB", "_S5_", "_EVT"] {
+        for needle in [
+            "PCI0", "MBRD", "GED_", "ACPI0013", "PWRB", "COM1", "_S5_", "_EVT",
+        ] {
             assert!(text.contains(needle), "DSDT lacks {needle}");
         }
         assert_eq!(dsdt.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);

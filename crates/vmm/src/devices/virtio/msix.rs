@@ -100,7 +100,7 @@ impl MsixTable {
 
     /// Writes the table; only aligned 4-byte (or 8-byte, split) writes are honoured.
     pub fn write_table(&mut self, offset: u64, data: &[u8]) {
-        if offset % 4 != 0 || (data.len() != 4 && data.len() != 8) {
+        if !offset.is_multiple_of(4) || (data.len() != 4 && data.len() != 8) {
             return;
         }
         for (i, chunk) in data.chunks(4).enumerate() {

@@ -543,7 +543,7 @@ impl VirtioPciDevice {
     }
 
     fn move_bar(&mut self, new_addr: u64) {
-        if new_addr == self.bar_addr || new_addr % BAR_SIZE != 0 {
+        if new_addr == self.bar_addr || !new_addr.is_multiple_of(BAR_SIZE) {
             return;
         }
         if self.register_ioevents(false).is_err() {
