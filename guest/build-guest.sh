@@ -62,6 +62,9 @@ while read -r module; do
     insmod "/lib/modules/$module" || echo "tidevm-guest: insmod $module failed"
 done < /lib/modules/load-order
 echo TIDEVM-GUEST-READY
+# Level 3 so it passes the console log level set above: when the serial tty
+# output is broken, this still tells how far the guest got.
+echo "<3>tidevm-guest: init script done, starting the ttyS0 shell" > /dev/kmsg
 RCS
 chmod +x "$ROOT/etc/init.d/rcS"
 
