@@ -134,6 +134,7 @@ pub fn build_vm(
     };
     let rsdp = acpi::write_acpi_tables(memory.guest_memory(), &acpi_config)?;
     regs::write_boot_gdt(memory.guest_memory())?;
+    regs::write_reset_stub(memory.guest_memory())?;
     let boot_info = boot::load_pvh_kernel(
         memory.guest_memory(),
         &layout.ram,

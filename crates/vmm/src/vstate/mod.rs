@@ -35,6 +35,7 @@ impl ExitRequester {
 
     /// Asks the control loop to end or reset the VM.
     pub fn request(&self, reason: VmExitReason) {
+        tracing::debug!("VM exit requested: {reason:?}");
         (self.0)(reason)
     }
 

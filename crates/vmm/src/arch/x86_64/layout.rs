@@ -32,6 +32,8 @@ pub const LOW_RAM_LEGACY_END: u64 = 0xA_0000;
 pub const ACPI_TABLES_START: GuestAddress = GuestAddress(0xA_0000);
 /// End of the area reserved for ACPI tables.
 pub const ACPI_TABLES_END: u64 = 0x10_0000;
+/// The real-mode reset vector (F000:FFF0), where `machine_real_restart` jumps.
+pub const RESET_VECTOR: GuestAddress = GuestAddress(0xF_FFF0);
 /// Start of "high" (above 1 MiB) memory.
 pub const HIGH_RAM_START: u64 = 0x10_0000;
 

@@ -4,7 +4,7 @@ use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msr
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Address, Bytes, GuestMemory};
 
-use super::layout::BOOT_GDT_START;
+use super::layout::{BOOT_GDT_START, RESET_VECTOR};
 
 /// Errors while setting up a vCPU's registers.
 #[derive(Debug, thiserror::Error)]
@@ -18,8 +18,8 @@ pub enum RegsError {
         #[source]
         source: kvm_ioctls::Error,
     },
-    /// Writing the boot GDT failed.
-    #[error("cannot write the boot GDT into guest memory")]
+    /// Writing the boot GDT or reset stub failed.
+    #[error("cannot write boot code into guest memory")]
     Gdt(#[source] vm_memory::GuestMemoryError),
 }
 
@@ -60,6 +60,19 @@ pub fn write_boot_gdt<M: GuestMemory>(mem: &M) -> Result<(), RegsError> {
             .map_err(RegsError::Gdt)?;
     }
     Ok(())
+}
+
+/// Real-mode code at the reset vector: `mov al, 0xfe; out 0x64, al; hlt`.
+///
+/// A hardware-reduced ACPI guest without EFI reboots by default through "EFI" (absent) and
+/// then a jump to the BIOS reset vector in real mode. There is no BIOS, so this stub pulses
+/// the i8042 reset line instead, which the VMM turns into a reset.
+const RESET_STUB: [u8; 5] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4];
+
+/// Writes the reset-vector stub (once per boot).
+pub fn write_reset_stub<M: GuestMemory>(mem: &M) -> Result<(), RegsError> {
+    mem.write_slice(&RESET_STUB, RESET_VECTOR)
+        .map_err(RegsError::Gdt)
 }
 
 fn segment(selector: u16, type_: u8) -> kvm_segment {
