@@ -232,7 +232,8 @@ impl ApiServer {
 
     /// Stop serving and remove the socket file. Idempotent.
     ///
-    /// The serving thread exits soon after; requests in flight are abandoned.
+    /// The serving thread exits soon after: it gives connections in flight up to two
+    /// seconds to finish (join the thread to wait for that), then abandons them.
     pub fn shutdown(&self) {
         self.stop.notify_one();
         drop(lock_ignoring_poison(&self.listener).take());
@@ -306,6 +307,9 @@ fn remove_stale_socket(path: &Path) -> Result<(), ApiServerError> {
     }
 }
 
+/// How long a stopping server waits for connections in flight.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 async fn accept_connections(
     listener: tokio::net::UnixListener,
     handler: Arc<dyn RequestHandler>,
@@ -322,7 +326,17 @@ async fn accept_connections(
         })
         .await;
         let stream = match accepted {
-            None => return,
+            None => {
+                // Let answers in flight (the reply to a shutdown request, say) reach
+                // their clients before the runtime goes away.
+                let deadline = tokio::time::Instant::now() + DRAIN_TIMEOUT;
+                while live_connections.load(Ordering::Acquire) > 0
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                return;
+            }
             Some(Ok((stream, _peer))) => stream,
             Some(Err(_)) => {
                 tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;

@@ -59,14 +59,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .map(ApiServer::bind)
         .transpose()?;
     let vmm = Vmm::new(config)?;
-    if let Some(server) = &api {
-        server
-            .spawn(vmm.api_handler()?)
-            .context("cannot start the API server")?;
-    }
+    let api_thread = match &api {
+        Some(server) => Some(
+            server
+                .spawn(vmm.api_handler()?)
+                .context("cannot start the API server")?,
+        ),
+        None => None,
+    };
     let result = vmm.run();
     if let Some(server) = &api {
         server.shutdown();
+    }
+    if let Some(thread) = api_thread {
+        // Wait for the answer to a shutdown request to reach its client.
+        let _ = thread.join();
     }
     Ok(u8::try_from(result?).unwrap_or(1))
 }

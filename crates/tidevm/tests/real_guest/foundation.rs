@@ -68,15 +68,34 @@ fn check_platform(guest: &Guest) -> Result<()> {
         guest,
         "no ACPI0013 (GED) platform device",
     )?;
-    let errors = guest.run(
-        "dmesg | grep -iE 'ACPI (Error|BIOS Error)|AE_NOT_FOUND|MMCONFIG.*not reserved|firmware bug' || true",
-        CMD,
-    )?;
+    // Checked here rather than with the guest's grep: the output stays exactly what the kernel
+    // logged.
+    let problems: Vec<&str> = dmesg
+        .lines()
+        .filter(|line| {
+            let lower = line.to_ascii_lowercase();
+            // "_OSC: platform retains control of PCIe features (AE_NOT_FOUND)" is the
+            // kernel noting that we offer no _OSC method, which is fine: it is not an error.
+            if lower.contains("_osc: platform retains control") {
+                return false;
+            }
+            [
+                "acpi error",
+                "acpi bios error",
+                "ae_not_found",
+                "firmware bug",
+            ]
+            .iter()
+            .any(|bad| lower.contains(bad))
+                || (lower.contains("mmconfig") && lower.contains("not reserved"))
+        })
+        .collect();
     check(
-        errors.trim().is_empty(),
+        problems.is_empty(),
         guest,
-        format!("dmesg reports errors:\n{errors}"),
-    )
+        format!("dmesg reports errors:\n{}", problems.join("\n")),
+    )?;
+    Ok(())
 }
 
 fn boot_1cpu_512m(lane: &Lane) -> Result<()> {
