@@ -29,6 +29,6 @@ mod tests;
 pub use client::{ApiClient, ClientError, DEFAULT_TIMEOUT};
 pub use server::{ApiServer, ApiServerError, MAX_REQUEST_BODY_BYTES};
 pub use types::{
-    parse_byte_size, ApiError, ApiRequest, ApiResponse, ErrorBody, GuestRange, MemoryInfo,
+    parse_byte_size, ApiError, ApiRequest, ApiResponse, ErrorBody, GuestRange, HostRss, MemoryInfo,
     RequestHandler, ResizeVirtioMemBody, VirtioMemInfo, VmInfo, VmState,
 };

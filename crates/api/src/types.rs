@@ -68,6 +68,20 @@ pub struct MemoryInfo {
     pub ram_ranges: Vec<GuestRange>,
     /// Guest-physical range reserved for hotplugged memory.
     pub hotplug_area: GuestRange,
+    /// What the VMM process holds in host RAM, measured by the VMM from its own smaps.
+    #[serde(default)]
+    pub host_rss: HostRss,
+}
+
+/// Resident host memory of the VMM process, split into guest memory and the VMM itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRss {
+    /// Everything resident (VmRSS), in bytes.
+    pub total_bytes: u64,
+    /// Resident pages of guest RAM mappings (boot RAM and hotplug regions), in bytes.
+    pub guest_memory_bytes: u64,
+    /// The VMM's own memory: `total_bytes - guest_memory_bytes`.
+    pub vmm_bytes: u64,
 }
 
 /// State of one virtio-mem device.

@@ -8,7 +8,9 @@ use std::time::Duration;
 use std::os::fd::AsRawFd;
 
 use kvm_ioctls::Kvm;
-use tidevm_api::{ApiError, ApiRequest, ApiResponse, MemoryInfo, RequestHandler, VmInfo, VmState};
+use tidevm_api::{
+    ApiError, ApiRequest, ApiResponse, HostRss, MemoryInfo, RequestHandler, VmInfo, VmState,
+};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -299,6 +301,14 @@ impl Vmm {
             start: r.start,
             size: r.size,
         };
+        let host_rss = self.vm.as_ref().map_or_else(Default::default, |vm| {
+            let split = vm.memory.resident();
+            HostRss {
+                total_bytes: split.total,
+                guest_memory_bytes: split.guest,
+                vmm_bytes: split.total.saturating_sub(split.guest),
+            }
+        });
         let (ram_ranges, hotplug_area) = match &self.vm {
             Some(vm) => {
                 let layout = vm.memory.layout();
@@ -320,6 +330,7 @@ impl Vmm {
                 boot_ram_bytes: self.config.memory.size,
                 ram_ranges,
                 hotplug_area,
+                host_rss,
             },
             virtio_mem: Vec::new(),
         }

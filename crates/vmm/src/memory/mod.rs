@@ -10,6 +10,7 @@ mod discard;
 mod hotplug;
 #[cfg(test)]
 mod tests_hotplug;
+mod usage;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ pub use backing::host_memory_bytes;
 pub use hotplug::{
     Backing, BlockRangeState, HotplugRegionId, HotplugRegionInfo, PlugError, UnpluggedAccess,
 };
+pub use usage::ResidentSplit;
 
 /// Errors of the memory manager.
 #[derive(Debug, thiserror::Error)]
@@ -184,6 +186,20 @@ impl MemoryManager {
             size: slot.range.size,
             source,
         })
+    }
+
+    /// Host RAM the process holds, split into guest memory (every region this manager
+    /// maps) and the rest.
+    pub fn resident(&self) -> ResidentSplit {
+        let ranges: Vec<(u64, u64)> = self
+            .guest_memory
+            .iter()
+            .map(|r| {
+                let start = r.as_ptr() as u64;
+                (start, start + r.len())
+            })
+            .collect();
+        usage::measure_self(&ranges)
     }
 
     /// Whether `[addr, addr+len)` lies entirely in boot RAM.
