@@ -66,6 +66,11 @@ fn sample_info() -> VmInfo {
                 start: 4 << 30,
                 size: 8 << 30,
             },
+            host_rss: crate::HostRss {
+                total_bytes: 300 << 20,
+                guest_memory_bytes: 290 << 20,
+                vmm_bytes: 10 << 20,
+            },
         },
         virtio_mem: vec![VirtioMemInfo {
             id: "vmem0".to_owned(),
