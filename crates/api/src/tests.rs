@@ -83,7 +83,10 @@ fn sample_info() -> VmInfo {
             plugged_size: 0,
             requested_size: 0,
             usable_region_size: 8 << 30,
+            last_busy_reason: None,
         }],
+        memory_violations: Vec::new(),
+        memory_violation_count: 0,
     }
 }
 

@@ -84,6 +84,19 @@ pub struct HostRss {
     pub vmm_bytes: u64,
 }
 
+/// One guest access to memory it does not own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryViolation {
+    /// Guest-physical address accessed.
+    pub gpa: u64,
+    /// Whether it was a write.
+    pub write: bool,
+    /// The vCPU that made it.
+    pub vcpu: u32,
+    /// The virtio-mem device whose unplugged block it hit, if any.
+    pub device: Option<String>,
+}
+
 /// State of one virtio-mem device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtioMemInfo {
@@ -101,6 +114,10 @@ pub struct VirtioMemInfo {
     pub requested_size: u64,
     /// Bytes of the region the guest may use for plugging.
     pub usable_region_size: u64,
+    /// Why the device last answered BUSY to the guest (e.g. the host could not supply
+    /// memory), until a later plug or unplug succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_busy_reason: Option<String>,
 }
 
 /// Body of `GET /vm/info`.
@@ -115,6 +132,12 @@ pub struct VmInfo {
     /// virtio-mem devices, in creation order.
     #[serde(default)]
     pub virtio_mem: Vec<VirtioMemInfo>,
+    /// Guest accesses to hotplug memory it did not own (most recent last, at most 16 kept).
+    #[serde(default)]
+    pub memory_violations: Vec<MemoryViolation>,
+    /// How many such accesses there were in all since the VMM started.
+    #[serde(default)]
+    pub memory_violation_count: u64,
 }
 
 /// Body of `PUT /vm/virtio-mem/{id}`.

@@ -14,14 +14,19 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::{cpuid, regs};
 use crate::boot;
 use crate::config::VmConfig;
+use crate::config::{HotplugBacking, VirtioMemDeviceConfig};
 use crate::console::Console;
 use crate::devices::ged::GedDevice;
 use crate::devices::legacy::{I8042Reset, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pci::root::PCI_CONFIG_IO_SIZE;
 use crate::devices::pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot};
 use crate::devices::platform::{AcpiPowerManagement, ACPI_PM_SIZE};
-use crate::devices::virtio::transport_pci::VirtioPciDevice;
+use crate::devices::virtio::mem::{VirtioMem, VirtioMemConfig, VirtioMemError};
+use crate::devices::virtio::transport_pci::{
+    VirtioPciDevice, VirtioPciError, VirtioTransport, BAR_SIZE,
+};
 use crate::devices::Bus;
+use crate::memory::Backing;
 use crate::memory::MemoryManager;
 use crate::vstate::interrupts::MsiRouting;
 use crate::vstate::vcpu::{VcpuContext, VcpuThread};
@@ -61,6 +66,21 @@ pub enum BuildError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    /// A virtio device could not be created.
+    #[error("cannot create virtio-mem device {id}")]
+    VirtioMem {
+        /// The device id.
+        id: String,
+        /// The cause.
+        #[source]
+        source: VirtioMemError,
+    },
+    /// A virtio transport could not be created.
+    #[error(transparent)]
+    VirtioPci(#[from] VirtioPciError),
+    /// The PCI bus is full.
+    #[error(transparent)]
+    PciRoot(#[from] crate::devices::pci::root::PciRootError),
     /// A vCPU thread could not start.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] std::io::Error),
@@ -92,8 +112,12 @@ pub struct RunningVm {
     pub bars: BarAllocator,
     /// PCI bus 0.
     pub pci: Arc<Mutex<PciRoot>>,
-    /// Virtio devices on PCI, in the order their queue events are watched.
-    pub virtio: Vec<Arc<Mutex<VirtioPciDevice>>>,
+    /// Every virtio transport, in the order their queue events are watched.
+    pub virtio: Vec<Arc<Mutex<dyn VirtioTransport>>>,
+    /// The virtio-mem devices (also in `virtio`), in configuration order.
+    pub virtio_mem: Vec<Arc<Mutex<VirtioPciDevice<VirtioMem>>>>,
+    /// Guest-physical ranges of the hotplug regions (for the vCPUs' fault reports).
+    pub hotplug_ranges: Arc<Vec<GuestRange>>,
     /// GSI routes for MSI-X.
     pub msi_routing: Arc<MsiRouting>,
     /// The KVM VM.
@@ -118,13 +142,41 @@ pub fn build_vm(
     let mmio_bus = Arc::new(Bus::new());
     let pci = Arc::new(Mutex::new(PciRoot::default()));
     let ged = attach_platform_devices(&vm_fd, &io_bus, &mmio_bus, &pci, console, exit)?;
-    let bars = BarAllocator::new(
+    let mut bars = BarAllocator::new(
         GuestRange {
             start: PCI_MMIO32_START,
             size: PCI_MMIO32_SIZE,
         },
         layout.pci_mmio64,
     )?;
+
+    let msi_routing = Arc::new(MsiRouting::new(vm_fd.clone()));
+    let virtio_mem = attach_virtio_mem(
+        &config.virtio_mem,
+        &layout,
+        &vm_fd,
+        &mut memory,
+        &mut bars,
+        &msi_routing,
+        &mmio_bus,
+        &pci,
+    )?;
+    let hotplug_ranges = Arc::new(
+        virtio_mem
+            .iter()
+            .map(|d| {
+                d.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .status()
+                    .region
+            })
+            .collect::<Vec<_>>(),
+    );
+    let virtio: Vec<Arc<Mutex<dyn VirtioTransport>>> = virtio_mem
+        .iter()
+        .map(|d| d.clone() as Arc<Mutex<dyn VirtioTransport>>)
+        .collect();
 
     let acpi_config = AcpiConfig {
         cpus: config.cpus,
@@ -154,6 +206,7 @@ pub fn build_vm(
             mmio_bus: mmio_bus.clone(),
             exit: exit.clone(),
             stop: stop.clone(),
+            hotplug_ranges: hotplug_ranges.clone(),
         };
         vcpus.push(VcpuThread::spawn(fd, ctx).map_err(BuildError::Thread)?);
     }
@@ -165,11 +218,93 @@ pub fn build_vm(
         ged,
         bars,
         pci,
-        virtio: Vec::new(),
-        msi_routing: Arc::new(MsiRouting::new(vm_fd.clone())),
+        virtio,
+        virtio_mem,
+        hotplug_ranges,
+        msi_routing,
         vm_fd,
         memory,
     })
+}
+
+/// Where each virtio-mem region goes: one after the other in the hotplug area, each starting
+/// on a 1 GiB boundary (Linux wants whole 128 MiB memory blocks; 1 GiB also suits gigantic
+/// pages).
+pub fn virtio_mem_regions(
+    devices: &[VirtioMemDeviceConfig],
+    layout: &GuestLayout,
+) -> Vec<GuestRange> {
+    let mut next = layout.hotplug_area.start;
+    devices
+        .iter()
+        .map(|d| {
+            let range = GuestRange {
+                start: next,
+                size: d.size,
+            };
+            next = crate::arch::x86_64::layout::align_up(
+                range.end(),
+                crate::arch::x86_64::layout::HOTPLUG_AREA_ALIGN,
+            );
+            range
+        })
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attach_virtio_mem(
+    devices: &[VirtioMemDeviceConfig],
+    layout: &GuestLayout,
+    vm_fd: &Arc<VmFd>,
+    memory: &mut MemoryManager,
+    bars: &mut BarAllocator,
+    msi_routing: &Arc<MsiRouting>,
+    mmio_bus: &Bus,
+    pci: &Arc<Mutex<PciRoot>>,
+) -> Result<Vec<Arc<Mutex<VirtioPciDevice<VirtioMem>>>>, BuildError> {
+    let mut attached = Vec::new();
+    for (config, region) in devices.iter().zip(virtio_mem_regions(devices, layout)) {
+        let backing = match config.backing {
+            HotplugBacking::Anonymous => Backing::Anonymous,
+            HotplugBacking::Memfd => Backing::Memfd,
+            HotplugBacking::Hugetlbfs => Backing::Hugetlbfs { page_size: 2 << 20 },
+        };
+        let hotplug = memory.add_hotplug_region(
+            vm_fd,
+            region,
+            config.block_size,
+            backing,
+            config.prealloc,
+        )?;
+        let mem_error = |source| BuildError::VirtioMem {
+            id: config.id.clone(),
+            source,
+        };
+        let device = VirtioMem::new(VirtioMemConfig {
+            id: config.id.clone(),
+            region,
+            block_size: config.block_size,
+            node: config.node,
+            requested_size: config.requested,
+            hotplug,
+        })
+        .map_err(mem_error)?;
+        device.check_region(memory).map_err(mem_error)?;
+        let bar = bars.allocate_mmio32(BAR_SIZE)?;
+        let transport = Arc::new(Mutex::new(VirtioPciDevice::new(
+            config.id.clone(),
+            device,
+            bar,
+            msi_routing.clone(),
+            vm_fd.clone(),
+        )?));
+        mmio_bus.insert(transport.clone(), bar, BAR_SIZE)?;
+        pci.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_device(transport.clone())?;
+        attached.push(transport);
+    }
+    Ok(attached)
 }
 
 fn attach_platform_devices(

@@ -137,6 +137,129 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
     number.checked_mul(1 << shift).ok_or_else(invalid)
 }
 
+/// How virtio-mem memory is backed on the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HotplugBacking {
+    /// Private anonymous memory.
+    Anonymous,
+    /// A shared memfd.
+    Memfd,
+    /// 2 MiB hugetlbfs pages.
+    Hugetlbfs,
+}
+
+/// One virtio-mem device: `id=mem0,size=16G[,node=0][,block-size=2M][,requested=0]
+/// [,backing=anon|memfd|hugetlbfs][,prealloc=on|off]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VirtioMemDeviceConfig {
+    /// Name in the API.
+    pub id: String,
+    /// Region size: the most this device can ever plug.
+    pub size: u64,
+    /// NUMA node (ACPI proximity domain) the memory belongs to.
+    pub node: Option<u32>,
+    /// Plug granularity.
+    pub block_size: u64,
+    /// Plugged size asked of the guest (changes at run time through the API).
+    pub requested: u64,
+    /// Host backing.
+    pub backing: HotplugBacking,
+    /// Populate blocks when they are plugged (answer BUSY if the host cannot).
+    pub prealloc: bool,
+}
+
+/// Default virtio-mem block: a transparent huge page, the Linux driver's sub-block size.
+pub const DEFAULT_VIRTIO_MEM_BLOCK: u64 = 2 << 20;
+
+impl VirtioMemDeviceConfig {
+    /// Parses the `--virtio-mem` value.
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: String| ConfigError::InvalidOption {
+            option: "virtio-mem",
+            value: value.to_string(),
+            reason,
+        };
+        let mut config = VirtioMemDeviceConfig {
+            id: String::new(),
+            size: 0,
+            node: None,
+            block_size: DEFAULT_VIRTIO_MEM_BLOCK,
+            requested: 0,
+            backing: HotplugBacking::Anonymous,
+            prealloc: false,
+        };
+        for item in value.split(',') {
+            let (key, val) = item
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("'{item}' is not key=value")))?;
+            match key {
+                "id" => config.id = val.to_string(),
+                "size" => config.size = parse_size(val)?,
+                "node" => {
+                    config.node = Some(
+                        val.parse()
+                            .map_err(|_| invalid(format!("node '{val}' is not a number")))?,
+                    )
+                }
+                "block-size" => config.block_size = parse_size(val)?,
+                "requested" => config.requested = parse_size(val)?,
+                "backing" => {
+                    config.backing = match val {
+                        "anon" | "anonymous" => HotplugBacking::Anonymous,
+                        "memfd" => HotplugBacking::Memfd,
+                        "hugetlbfs" => HotplugBacking::Hugetlbfs,
+                        _ => {
+                            return Err(invalid(format!(
+                                "unknown backing '{val}' (anon, memfd, hugetlbfs)"
+                            )))
+                        }
+                    }
+                }
+                "prealloc" => {
+                    config.prealloc = match val {
+                        "on" | "true" => true,
+                        "off" | "false" => false,
+                        _ => {
+                            return Err(invalid(format!("prealloc must be on or off, not '{val}'")))
+                        }
+                    }
+                }
+                _ => return Err(invalid(format!("unknown key '{key}'"))),
+            }
+        }
+        let id_ok = !config.id.is_empty()
+            && config.id.len() <= 64
+            && config
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !id_ok {
+            return Err(invalid(
+                "id= is required: 1-64 characters of [A-Za-z0-9_.-]".into(),
+            ));
+        }
+        if !config.block_size.is_power_of_two() || config.block_size < 4096 {
+            return Err(invalid(
+                "block-size must be a power of two of at least 4K".into(),
+            ));
+        }
+        if config.size == 0 || !config.size.is_multiple_of(128 << 20) {
+            return Err(invalid(
+                "size must be a non-zero multiple of 128M (Linux memory blocks)".into(),
+            ));
+        }
+        if !config.size.is_multiple_of(config.block_size) || config.block_size > config.size {
+            return Err(invalid("size must be a multiple of block-size".into()));
+        }
+        if config.requested > config.size || !config.requested.is_multiple_of(config.block_size) {
+            return Err(invalid(
+                "requested must be a multiple of block-size and at most size".into(),
+            ));
+        }
+        Ok(config)
+    }
+}
+
 /// Everything needed to build and boot a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -152,6 +275,20 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     /// The guest console.
     pub serial: SerialConfig,
+    /// virtio-mem devices.
+    pub virtio_mem: Vec<VirtioMemDeviceConfig>,
+    /// What to do when the guest touches memory it does not own.
+    pub violation_policy: ViolationPolicy,
+}
+
+/// What happens when the guest touches hotplug memory that is not plugged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ViolationPolicy {
+    /// Log it and show it in the API; the access reads as all ones and writes are dropped.
+    #[default]
+    Report,
+    /// Also stop the VM.
+    Stop,
 }
 
 impl VmConfig {
@@ -240,6 +377,33 @@ mod tests {
     }
 
     #[test]
+    fn virtio_mem_options() {
+        let d = VirtioMemDeviceConfig::parse(
+            "id=mem0,size=16G,node=1,requested=4G,backing=memfd,prealloc=on",
+        )
+        .unwrap();
+        assert_eq!(d.size, 16 << 30);
+        assert_eq!(d.node, Some(1));
+        assert_eq!(d.requested, 4 << 30);
+        assert_eq!(d.backing, HotplugBacking::Memfd);
+        assert!(d.prealloc);
+        assert_eq!(d.block_size, 2 << 20);
+        for bad in [
+            "size=16G",
+            "id=mem0",
+            "id=mem0,size=100M",
+            "id=mem0,size=1G,block-size=3M",
+            "id=mem0,size=1G,requested=2G",
+            "id=mem0,size=1G,requested=1M",
+            "id=mem0,size=1G,backing=nvme",
+            "id=mem0,size=1G,colour=red",
+            "id=a/b,size=1G",
+        ] {
+            assert!(VirtioMemDeviceConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn serial_options() {
         assert_eq!(SerialConfig::parse("stdout").unwrap(), SerialConfig::Stdout);
         assert_eq!(
@@ -264,6 +428,8 @@ mod tests {
             cpus: 1,
             memory: MemoryConfig { size: 1 << 30 },
             serial: SerialConfig::Off,
+            virtio_mem: Vec::new(),
+            violation_policy: ViolationPolicy::Report,
         };
         assert!(config.validate(Some(4 << 30)).is_ok());
         let err = config.validate(Some(512 << 20)).unwrap_err().to_string();

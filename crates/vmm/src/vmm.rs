@@ -9,13 +9,14 @@ use std::os::fd::AsRawFd;
 
 use kvm_ioctls::Kvm;
 use tidevm_api::{
-    ApiError, ApiRequest, ApiResponse, HostRss, MemoryInfo, RequestHandler, VmInfo, VmState,
+    ApiError, ApiRequest, ApiResponse, HostRss, MemoryInfo, MemoryViolation, RequestHandler,
+    VirtioMemInfo, VmInfo, VmState,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::{build_vm, BuildError, RunningVm};
-use crate::config::VmConfig;
+use crate::config::{ViolationPolicy, VmConfig};
 use crate::console::{Console, ConsoleError};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus};
 use crate::vstate::vm::{open_kvm, VmError};
@@ -119,7 +120,14 @@ pub struct Vmm {
     epoll: Epoll,
     /// What each epoll token (minus one) stands for: a virtio device and one of its queues.
     queue_tokens: Vec<(usize, usize)>,
+    /// The most recent guest accesses to memory it does not own.
+    violations: Vec<MemoryViolation>,
+    /// All such accesses since start.
+    violation_count: u64,
 }
+
+/// How many memory violations the API keeps.
+const MAX_VIOLATIONS_KEPT: usize = 16;
 
 impl Vmm {
     /// Opens KVM and the console; nothing runs yet.
@@ -141,6 +149,8 @@ impl Vmm {
             vm: None,
             epoll,
             queue_tokens: Vec::new(),
+            violations: Vec::new(),
+            violation_count: 0,
         })
     }
 
@@ -260,6 +270,15 @@ impl Vmm {
                     self.stop_vm();
                     return Err(VmmError::GuestFailed(message));
                 }
+                VmExitReason::Violation { gpa, write, vcpu } => {
+                    self.record_violation(gpa, write, vcpu);
+                    if self.config.violation_policy == ViolationPolicy::Stop {
+                        self.stop_vm();
+                        return Err(VmmError::GuestFailed(format!(
+                            "the guest touched memory it does not own at {gpa:#x}"
+                        )));
+                    }
+                }
             },
             ControlEvent::Api(request, reply) => return self.handle_api(request, reply),
         }
@@ -287,13 +306,63 @@ impl Vmm {
                 self.boot()?;
                 let _ = reply.send(Ok(ApiResponse::Empty));
             }
-            ApiRequest::ResizeVirtioMem { id, .. } => {
-                let _ = reply.send(Err(ApiError::not_found(format!(
-                    "no virtio-mem device with id {id}"
-                ))));
+            ApiRequest::ResizeVirtioMem { id, requested_size } => {
+                let _ = reply.send(self.resize_virtio_mem(&id, requested_size));
             }
         }
         Ok(None)
+    }
+
+    /// Records a guest access to memory it does not own (kept for the API and logged).
+    fn record_violation(&mut self, gpa: u64, write: bool, vcpu: u8) {
+        let device = self.vm.as_ref().and_then(|vm| {
+            vm.virtio_mem.iter().find_map(|d| {
+                let d = d.lock().unwrap_or_else(|e| e.into_inner());
+                let status = d.device().status();
+                status.region.contains(gpa).then_some(status.id)
+            })
+        });
+        tracing::warn!(
+            "guest vCPU {vcpu} {} unplugged memory it does not own at {gpa:#x} (device {})",
+            if write { "wrote" } else { "read" },
+            device.as_deref().unwrap_or("?")
+        );
+        self.violation_count += 1;
+        if self.violations.len() == MAX_VIOLATIONS_KEPT {
+            self.violations.remove(0);
+        }
+        self.violations.push(MemoryViolation {
+            gpa,
+            write,
+            vcpu: u32::from(vcpu),
+            device,
+        });
+    }
+
+    /// Sets a virtio-mem device's requested size and tells the guest.
+    fn resize_virtio_mem(&mut self, id: &str, bytes: u64) -> Result<ApiResponse, ApiError> {
+        let vm = self
+            .vm
+            .as_mut()
+            .ok_or_else(|| ApiError::conflict("the VM is not running"))?;
+        let index = self
+            .config
+            .virtio_mem
+            .iter()
+            .position(|d| d.id == id)
+            .ok_or_else(|| ApiError::not_found(format!("no virtio-mem device with id {id}")))?;
+        let mut transport = vm.virtio_mem[index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let signal = transport
+            .device_mut()
+            .set_requested_size(bytes)
+            .map_err(|e| ApiError::bad_request(format!("cannot resize {id}: {e}")))?;
+        transport.raise(signal, 0);
+        // Remembered for the next boot: after a reboot the guest plugs back up to it.
+        self.config.virtio_mem[index].requested = bytes;
+        tracing::info!("virtio-mem {id}: requested size now {bytes} bytes");
+        Ok(ApiResponse::Empty)
     }
 
     fn info(&self) -> VmInfo {
@@ -332,8 +401,41 @@ impl Vmm {
                 hotplug_area,
                 host_rss,
             },
-            virtio_mem: Vec::new(),
+            virtio_mem: self.virtio_mem_info(),
+            memory_violations: self.violations.clone(),
+            memory_violation_count: self.violation_count,
         }
+    }
+}
+
+impl Vmm {
+    fn virtio_mem_info(&self) -> Vec<VirtioMemInfo> {
+        let Some(vm) = &self.vm else {
+            return Vec::new();
+        };
+        vm.virtio_mem
+            .iter()
+            .map(|d| {
+                let status = d
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .status();
+                VirtioMemInfo {
+                    id: status.id,
+                    node: status.node.unwrap_or(0),
+                    region: tidevm_api::GuestRange {
+                        start: status.region.start,
+                        size: status.region.size,
+                    },
+                    block_size: status.block_size,
+                    plugged_size: status.plugged_size,
+                    requested_size: status.requested_size,
+                    usable_region_size: status.usable_region_size,
+                    last_busy_reason: status.last_busy_reason,
+                }
+            })
+            .collect()
     }
 }
 

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use std::time::{Duration, Instant};
+
 use tidevm_api::ApiClient;
 
 /// Options of `tidevm ctl`.
@@ -23,6 +25,19 @@ enum CtlCommand {
     Shutdown,
     /// Reset the VM and boot it again.
     Reboot,
+    /// Ask the guest to resize a virtio-mem device's plugged memory to SIZE (e.g. 4G, 0).
+    ResizeMem {
+        /// The device id (from --virtio-mem id=...).
+        id: String,
+        /// The new requested size.
+        size: String,
+        /// Wait until the guest has plugged or unplugged it (or say why not).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
 }
 
 /// Runs one API call and prints its result.
@@ -35,6 +50,76 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
         }
         CtlCommand::Shutdown => client.shutdown()?,
         CtlCommand::Reboot => client.reboot()?,
+        CtlCommand::ResizeMem {
+            id,
+            size,
+            wait,
+            timeout,
+        } => {
+            let bytes = tidevm_api::parse_byte_size(&size).ok_or_else(|| {
+                anyhow::anyhow!("invalid size '{size}': expected e.g. 512M, 4G or 0")
+            })?;
+            client.resize_virtio_mem(&id, bytes)?;
+            if wait {
+                return wait_for_plugged(&client, &id, bytes, Duration::from_secs(timeout));
+            }
+        }
     }
     Ok(0)
+}
+
+/// Polls the device until its plugged size reaches `target`, printing progress; returns 0
+/// when reached, 2 (with the reason) when the guest does not get there in time.
+fn wait_for_plugged(
+    client: &ApiClient,
+    id: &str,
+    target: u64,
+    timeout: Duration,
+) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    let mut last_plugged = None;
+    loop {
+        let info = client.vm_info()?;
+        let device = info
+            .virtio_mem
+            .iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| anyhow::anyhow!("virtio-mem device {id} disappeared"))?;
+        if last_plugged != Some(device.plugged_size) {
+            eprintln!(
+                "{id}: plugged {} MiB of {} MiB requested ({:.1} s)",
+                device.plugged_size >> 20,
+                device.requested_size >> 20,
+                started.elapsed().as_secs_f64()
+            );
+            last_plugged = Some(device.plugged_size);
+        }
+        if device.plugged_size == target {
+            println!(
+                "{id}: {} MiB plugged after {:.2} s",
+                target >> 20,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(0);
+        }
+        if started.elapsed() >= timeout {
+            let why = device.last_busy_reason.clone().unwrap_or_else(|| {
+                if device.plugged_size > target {
+                    "the guest could not unplug more (memory in use by the guest kernel, \
+                     or not movable)"
+                        .into()
+                } else {
+                    "the guest did not plug more (driver not loaded, or memory not onlined)".into()
+                }
+            });
+            eprintln!(
+                "tidevm: error: {id} reached {} MiB of the requested {} MiB in {} s: {why}",
+                device.plugged_size >> 20,
+                target >> 20,
+                timeout.as_secs()
+            );
+            return Ok(2);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

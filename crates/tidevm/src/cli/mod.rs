@@ -1,5 +1,6 @@
 //! Command-line interface.
 
+mod bench;
 mod ctl;
 mod run;
 
@@ -19,6 +20,8 @@ enum Command {
     Run(run::RunArgs),
     /// Control a running VM through its API socket.
     Ctl(ctl::CtlArgs),
+    /// Measure tidevm with real Linux guests in the test lane this machine offers.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the chosen command; returns the process exit code.
@@ -26,5 +29,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Ctl(args) => ctl::ctl(args),
+        Command::Bench(args) => bench::bench(args),
     }
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use tidevm_api::ApiServer;
-use tidevm_vmm::config::{MemoryConfig, SerialConfig};
+use tidevm_vmm::config::{MemoryConfig, SerialConfig, ViolationPolicy, VirtioMemDeviceConfig};
 use tidevm_vmm::memory::host_memory_bytes;
 use tidevm_vmm::{VmConfig, Vmm};
 
@@ -33,6 +33,13 @@ pub struct RunArgs {
     /// Guest console: stdout, off, file=PATH, socket=PATH or tcp=ADDR.
     #[arg(long, default_value = "stdout")]
     serial: String,
+    /// A virtio-mem device (repeatable): id=ID,size=SIZE[,node=N][,block-size=SIZE]
+    /// [,requested=SIZE][,backing=anon|memfd|hugetlbfs][,prealloc=on|off].
+    #[arg(long = "virtio-mem")]
+    virtio_mem: Vec<String>,
+    /// When the guest touches hotplug memory it does not own: report (log and API) or stop.
+    #[arg(long, default_value = "report", value_parser = ["report", "stop"])]
+    on_memory_violation: String,
 }
 
 impl RunArgs {
@@ -44,6 +51,16 @@ impl RunArgs {
             cpus: self.cpus,
             memory: MemoryConfig::parse(&self.memory)?,
             serial: SerialConfig::parse(&self.serial)?,
+            virtio_mem: self
+                .virtio_mem
+                .iter()
+                .map(|v| VirtioMemDeviceConfig::parse(v))
+                .collect::<Result<_, _>>()?,
+            violation_policy: if self.on_memory_violation == "stop" {
+                ViolationPolicy::Stop
+            } else {
+                ViolationPolicy::Report
+            },
         })
     }
 }

@@ -12,10 +12,10 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("api_socket_in_use", api_socket_in_use),
 ];
 
-const BOOT: Duration = Duration::from_secs(240);
-const CMD: Duration = Duration::from_secs(60);
+pub const BOOT: Duration = Duration::from_secs(240);
+pub const CMD: Duration = Duration::from_secs(60);
 
-fn check(condition: bool, guest: &Guest, what: impl Into<String>) -> Result<()> {
+pub fn check(condition: bool, guest: &Guest, what: impl Into<String>) -> Result<()> {
     if condition {
         Ok(())
     } else {

@@ -4,6 +4,7 @@
 //! `cargo test --release -p tidevm --test real_guest [-- FILTER]`
 
 mod foundation;
+mod virtio_mem;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
@@ -15,7 +16,11 @@ pub type Scenario = fn(&Lane) -> Result<()>;
 
 fn main() {
     let filter: Option<String> = std::env::args().skip(1).find(|a| !a.starts_with('-'));
-    let scenarios: Vec<(&str, Scenario)> = foundation::SCENARIOS.to_vec();
+    let scenarios: Vec<(&str, Scenario)> = foundation::SCENARIOS
+        .iter()
+        .chain(virtio_mem::SCENARIOS)
+        .copied()
+        .collect();
     let selected: Vec<_> = scenarios
         .into_iter()
         .filter(|(name, _)| filter.as_deref().is_none_or(|f| name.contains(f)))

@@ -15,6 +15,16 @@ pub enum VmExitReason {
     Reset,
     /// Something went wrong that the VM cannot survive.
     Failed(String),
+    /// Not an exit by itself: the guest touched hotplug memory it does not own. The control
+    /// loop records it and, by policy, stops the VM.
+    Violation {
+        /// Guest-physical address.
+        gpa: u64,
+        /// Whether it was a write.
+        write: bool,
+        /// The vCPU.
+        vcpu: u8,
+    },
 }
 
 /// Lets devices and vCPUs tell the control loop that the VM must stop or reset.

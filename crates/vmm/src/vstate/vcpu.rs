@@ -10,6 +10,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use super::{ExitRequester, VmExitReason};
+use crate::arch::x86_64::layout::GuestRange;
 use crate::devices::Bus;
 
 /// The signal that knocks a vCPU thread out of KVM_RUN.
@@ -36,6 +37,9 @@ pub struct VcpuContext {
     pub exit: ExitRequester,
     /// Set by the control loop to stop every vCPU.
     pub stop: Arc<AtomicBool>,
+    /// Guest-physical ranges of hotplug regions: an exit on an address in them is the guest
+    /// touching memory it does not own (unplugged blocks are not accessible).
+    pub hotplug_ranges: Arc<Vec<GuestRange>>,
 }
 
 /// A running vCPU thread.
@@ -90,6 +94,23 @@ fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
     }
 }
 
+/// An MMIO exit no device claimed. Inside a hotplug region it means the guest touched an
+/// unplugged (protected) block: under shadow paging KVM hands the access to us as MMIO.
+fn report_unclaimed(ctx: &VcpuContext, addr: u64, write: bool) {
+    if ctx.hotplug_ranges.iter().any(|r| r.contains(addr)) {
+        ctx.exit.request(VmExitReason::Violation {
+            gpa: addr,
+            write,
+            vcpu: ctx.index,
+        });
+    } else {
+        tracing::debug!(
+            "unclaimed MMIO {} at {addr:#x}",
+            if write { "write" } else { "read" }
+        );
+    }
+}
+
 /// Handles one exit; returns a reason when the VM has to stop.
 fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmExitReason> {
     match exit {
@@ -103,13 +124,13 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmExitReason> {
         }
         VcpuExit::MmioRead(addr, data) => {
             if !ctx.mmio_bus.read(addr, data) {
-                tracing::debug!("unclaimed MMIO read at {addr:#x}");
                 data.fill(0xff);
+                report_unclaimed(ctx, addr, false);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
             if !ctx.mmio_bus.write(addr, data) {
-                tracing::debug!("unclaimed MMIO write at {addr:#x}");
+                report_unclaimed(ctx, addr, true);
             }
         }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
@@ -134,6 +155,19 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmExitReason> {
         VcpuExit::InternalError => {
             return Some(VmExitReason::Failed(format!(
                 "KVM internal error on vCPU {}",
+                ctx.index
+            )));
+        }
+        VcpuExit::MemoryFault { gpa, .. } if ctx.hotplug_ranges.iter().any(|r| r.contains(gpa)) => {
+            // On a TDP host an access to a protected (unplugged) page cannot be emulated:
+            // report it and stop the VM, whatever the policy.
+            ctx.exit.request(VmExitReason::Violation {
+                gpa,
+                write: false,
+                vcpu: ctx.index,
+            });
+            return Some(VmExitReason::Failed(format!(
+                "vCPU {} touched unplugged hotplug memory at {gpa:#x} (memory fault)",
                 ctx.index
             )));
         }

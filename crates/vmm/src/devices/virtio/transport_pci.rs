@@ -93,11 +93,11 @@ enum Activation {
 }
 
 /// A virtio device on PCI.
-pub struct VirtioPciDevice {
+pub struct VirtioPciDevice<D: VirtioDevice> {
     id: String,
     config: PciConfigSpace,
     msix_cap_reg: usize,
-    device: Box<dyn VirtioDevice>,
+    device: D,
     bar_addr: u64,
     device_feature_select: u32,
     driver_feature_select: u32,
@@ -114,13 +114,52 @@ pub struct VirtioPciDevice {
     vm: Arc<VmFd>,
 }
 
-impl std::fmt::Debug for VirtioPciDevice {
+impl<D: VirtioDevice> std::fmt::Debug for VirtioPciDevice<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtioPciDevice")
             .field("id", &self.id)
             .field("bar", &format_args!("{:#x}", self.bar_addr))
             .field("status", &self.status)
             .finish()
+    }
+}
+
+/// What the control loop needs from any virtio transport, whatever its device.
+pub trait VirtioTransport: Send + std::fmt::Debug {
+    /// The device's name.
+    fn id(&self) -> &str;
+    /// One eventfd per queue, signalled when the driver notifies it.
+    fn queue_events(&self) -> &[EventFd];
+    /// Processes queue `index` and raises the interrupts it needs.
+    fn process_queue(
+        &mut self,
+        index: usize,
+        guest_memory: &GuestMemoryMmap,
+        memory: &mut MemoryManager,
+    );
+}
+
+impl<D: VirtioDevice> VirtioTransport for VirtioPciDevice<D> {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        guest_memory: &GuestMemoryMmap,
+        memory: &mut MemoryManager,
+    ) {
+        self.activate_if_pending(guest_memory, memory);
+        if self.activation != Activation::Active || index >= self.queues.len() {
+            return;
+        }
+        let signal = self.device.process_queue(index, guest_memory, memory);
+        self.raise(signal, index);
     }
 }
 
@@ -161,11 +200,11 @@ fn set_half(field: &mut u64, high: bool, value: u64) {
     }
 }
 
-impl VirtioPciDevice {
+impl<D: VirtioDevice> VirtioPciDevice<D> {
     /// Wraps `device`, with BAR0 at `bar_addr` and one MSI-X vector per queue plus config.
     pub fn new(
         id: String,
-        device: Box<dyn VirtioDevice>,
+        device: D,
         bar_addr: u64,
         routing: Arc<MsiRouting>,
         vm: Arc<VmFd>,
@@ -255,29 +294,19 @@ impl VirtioPciDevice {
         Ok(transport)
     }
 
-    /// The device's name in the API and logs.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// BAR0's current guest-physical address.
     pub fn bar_addr(&self) -> u64 {
         self.bar_addr
     }
 
-    /// The eventfds that fire when the driver notifies each queue.
-    pub fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
     /// The wrapped device.
-    pub fn device(&self) -> &dyn VirtioDevice {
-        self.device.as_ref()
+    pub fn device(&self) -> &D {
+        &self.device
     }
 
     /// The wrapped device, mutably (host requests such as a resize).
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
-        self.device.as_mut()
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
     }
 
     fn register_ioevents(&self, register: bool) -> Result<(), VirtioPciError> {
@@ -347,7 +376,7 @@ impl VirtioPciDevice {
                 if !queue.is_valid(guest_memory)
                     || rings
                         .iter()
-                        .any(|&(addr, len)| !memory.is_boot_ram(addr, len))
+                        .any(|&(addr, len)| !memory.is_accessible(addr, len))
                 {
                     return Err(format!("queue {index} is not in guest RAM"));
                 }
@@ -355,21 +384,6 @@ impl VirtioPciDevice {
             queues.push(queue);
         }
         Ok(queues)
-    }
-
-    /// Processes queue `index` after its notification and raises the interrupts it asks for.
-    pub fn process_queue(
-        &mut self,
-        index: usize,
-        guest_memory: &GuestMemoryMmap,
-        memory: &mut MemoryManager,
-    ) {
-        self.activate_if_pending(guest_memory, memory);
-        if self.activation != Activation::Active || index >= self.queues.len() {
-            return;
-        }
-        let signal = self.device.process_queue(index, guest_memory, memory);
-        self.raise(signal, index);
     }
 
     /// Raises what `signal` asks for (`queue` refers to queue `index`).
@@ -561,7 +575,7 @@ impl VirtioPciDevice {
     }
 }
 
-impl BusDevice for VirtioPciDevice {
+impl<D: VirtioDevice> BusDevice for VirtioPciDevice<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
         match offset {
@@ -602,7 +616,7 @@ impl BusDevice for VirtioPciDevice {
     }
 }
 
-impl PciDevice for VirtioPciDevice {
+impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
     fn read_config_register(&mut self, reg: usize) -> u32 {
         self.config.read_register(reg)
     }

@@ -1,0 +1,194 @@
+//! The `tidevm` binary's answer to bad input: exactly one line on stderr starting with
+//! `tidevm: error:` that names the problem, a non-zero exit, no panic and no backtrace.
+//! These run the built binary on this host; no guest boots.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A file that is removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn with_contents(name: &str, contents: &[u8]) -> TempFile {
+        let path =
+            std::env::temp_dir().join(format!("tidevm-cli-errors-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).expect("write a temporary file");
+        TempFile(path)
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A file that exists but is not an ELF vmlinux, for options checked before the kernel is read.
+fn junk_kernel(name: &str) -> TempFile {
+    TempFile::with_contents(name, b"this is not a kernel\n")
+}
+
+/// Runs tidevm with `args` and checks the error contract; returns the error line.
+fn expect_error(args: &[&str], names: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_tidevm"))
+        .args(args)
+        // A backtrace must not appear even when one is asked for.
+        .env("RUST_BACKTRACE", "1")
+        .env_remove("TIDEVM_LOG")
+        .output()
+        .expect("run the tidevm binary");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let context = format!(
+        "tidevm {}\nexit: {:?}\nstderr:\n{stderr}\nstdout:\n{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert!(
+        !output.status.success() && output.status.code().is_some(),
+        "expected a non-zero exit code\n{context}"
+    );
+    assert!(!stderr.contains("panicked"), "tidevm panicked\n{context}");
+    assert!(
+        !stderr.contains("stack backtrace") && !stderr.contains("Stack backtrace"),
+        "tidevm printed a backtrace\n{context}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected exactly one line on stderr\n{context}"
+    );
+    let line = lines[0];
+    assert!(
+        line.starts_with("tidevm: error:"),
+        "the line must start with `tidevm: error:`\n{context}"
+    );
+    for name in names {
+        assert!(
+            line.contains(name),
+            "the error should name {name:?}\n{context}"
+        );
+    }
+    line.to_string()
+}
+
+fn kvm_available() -> bool {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+fn skip_loudly(test: &str, reason: &str) {
+    eprintln!();
+    eprintln!("**************************************************************");
+    eprintln!("SKIPPED: {test}: {reason}");
+    eprintln!("**************************************************************");
+    println!("SKIPPED: {test}: {reason}");
+}
+
+#[test]
+fn missing_kernel_file() {
+    let path = "/nonexistent/tidevm-test/vmlinux";
+    expect_error(&["run", "--kernel", path, "--serial", "off"], &[path]);
+}
+
+#[test]
+fn kernel_that_is_not_an_elf() {
+    if !kvm_available() {
+        skip_loudly("kernel_that_is_not_an_elf", "no /dev/kvm");
+        return;
+    }
+    let bz_image = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../build/guest/bzImage");
+    let junk;
+    let kernel = if bz_image.is_file() {
+        bz_image
+    } else {
+        junk = junk_kernel("not-elf");
+        junk.0.clone()
+    };
+    let kernel = kernel.to_str().expect("UTF-8 path");
+    let line = expect_error(
+        &["run", "--kernel", kernel, "--serial", "off"],
+        &["not a loadable x86-64 ELF vmlinux"],
+    );
+    let file_name = Path::new(kernel).file_name().unwrap().to_str().unwrap();
+    assert!(line.contains(file_name), "should name the kernel: {line}");
+}
+
+#[test]
+fn bad_size_string() {
+    let kernel = junk_kernel("bad-size");
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            kernel.0.to_str().unwrap(),
+            "--memory",
+            "size=12X",
+            "--serial",
+            "off",
+        ],
+        &["12X"],
+    );
+}
+
+#[test]
+fn more_memory_than_the_host_has() {
+    let kernel = junk_kernel("too-much-memory");
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            kernel.0.to_str().unwrap(),
+            "--memory",
+            "size=100T",
+            "--serial",
+            "off",
+        ],
+        &["memory"],
+    );
+}
+
+#[test]
+fn zero_cpus() {
+    let kernel = junk_kernel("zero-cpus");
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            kernel.0.to_str().unwrap(),
+            "--cpus",
+            "0",
+            "--serial",
+            "off",
+        ],
+        &["--cpus 0"],
+    );
+}
+
+#[test]
+fn bad_serial_value() {
+    let kernel = junk_kernel("bad-serial");
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            kernel.0.to_str().unwrap(),
+            "--serial",
+            "bogus-console",
+        ],
+        &["--serial", "bogus-console"],
+    );
+}
+
+#[test]
+fn ctl_without_a_vm() {
+    expect_error(
+        &["ctl", "--api-socket", "/nonexistent", "info"],
+        &["/nonexistent"],
+    );
+}
