@@ -1,17 +1,34 @@
 # tidevm: build, test and demo entry points. `make test` and `make demo` work
-# on a fresh Debian bookworm machine after `make deps` (which .ci/run calls).
+# on a fresh Debian bookworm machine: they run `make deps` (apt, through sudo
+# unless root) when a tool they need is missing. `make deps` alone installs
+# everything, QEMU included.
 CARGO ?= cargo
 BUILD_DIR ?= build
 TIDEVM_BIN ?= target/release/tidevm
 
-.PHONY: all deps guest l1 build test demo lint clean-images
+.PHONY: all deps deps-if-needed guest l1 build test demo lint clean-images
 
 all: build
 
 deps:
 	bash guest/install-deps.sh
 
-guest:
+# The guest images need zstd, xz, cpio, gzip, modinfo and file; QEMU is needed
+# only for the nested lane, i.e. when the CPU has no vmx/svm.
+deps-if-needed:
+	@missing=""; \
+	for tool in zstd xz cpio gzip modinfo file; do \
+		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	done; \
+	if ! grep -qwE 'vmx|svm' /proc/cpuinfo && ! command -v qemu-system-x86_64 >/dev/null 2>&1; then \
+		missing="$$missing qemu-system-x86_64(nested-lane)"; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+		echo "tidevm: missing:$$missing; running make deps"; \
+		$(MAKE) deps; \
+	fi
+
+guest: deps-if-needed
 	bash guest/build-guest.sh
 
 l1: guest

@@ -149,7 +149,7 @@ fn more_memory_than_the_host_has() {
             "--serial",
             "off",
         ],
-        &["memory"],
+        &["memory", "host"],
     );
 }
 
