@@ -8,6 +8,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 OUT="$BUILD_DIR/guest"
 SCRIPT="${BASH_SOURCE[0]}"
+if [ "$(dirname "$SCRIPT")/tools/memtouch.c" -nt "$OUT/initramfs.cpio.gz" ]; then
+    rm -f "$OUT/initramfs.cpio.gz"
+fi
 if up_to_date "$SCRIPT" "$OUT/vmlinux" "$OUT/bzImage" "$OUT/initramfs.cpio.gz" "$OUT/VERSIONS"; then
     log "up to date: $OUT"
     exit 0
@@ -37,6 +40,8 @@ install_busybox "$BUSYBOX_TREE/bin/busybox" "$ROOT"
 install_modules "$MODROOT" "$ROOT/lib/modules" virtio_mem virtio_balloon
 mkdir -p "$ROOT"/{proc,sys,dev,tmp,root,etc/init.d}
 ln -s sbin/init "$ROOT/init"
+# memtouch: a static helper that fills and checks memory in the guest (tests, demo).
+gcc -O2 -static -o "$ROOT/bin/memtouch" "$(dirname "$SCRIPT")/tools/memtouch.c"
 
 cat > "$ROOT/etc/inittab" <<'INITTAB'
 ::sysinit:/etc/init.d/rcS

@@ -52,12 +52,13 @@ fn create_memfd(size: u64, huge_page: Option<u64>) -> io::Result<File> {
 }
 
 impl HostMapping {
-    /// Maps `size` bytes for a hotplug region at guest address `gpa`, entirely `PROT_NONE`:
-    /// nothing of a new region is plugged, so nothing may be touched yet.
+    /// Maps `size` bytes for a hotplug region at guest address `gpa`. The mapping is
+    /// readable and writable; what keeps the guest out of unplugged blocks is that KVM has
+    /// no memory slot over them, and the VMM checks `is_accessible` before its own accesses.
     pub(crate) fn new(gpa: u64, size: u64, backing: Backing) -> io::Result<Self> {
         let len = usize::try_from(size).map_err(|_| invalid("region too large"))?;
         let mut builder = MmapRegionBuilder::new(len)
-            .with_mmap_prot(libc::PROT_NONE)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS);
         match backing {
             Backing::Anonymous => {}
@@ -110,25 +111,6 @@ impl HostMapping {
         // `end <= region.len()`, which fits in usize because the mapping exists.
         let ptr = self.region.as_ptr().wrapping_add(offset as usize);
         Ok((ptr.cast(), len as usize))
-    }
-
-    /// Makes `[offset, offset+len)` readable and writable (`true`) or inaccessible (`false`).
-    pub(crate) fn protect(&self, offset: u64, len: u64, accessible: bool) -> io::Result<()> {
-        let (ptr, len) = self.checked(offset, len)?;
-        let prot = if accessible {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_NONE
-        };
-        // SAFETY: `checked` proved the range lies inside the mapping `self.region` owns, and
-        // the offsets the manager passes are block-aligned (hence page-aligned). Protecting a
-        // range only changes which accesses fault; it invalidates no Rust reference, because
-        // nothing in tidevm holds references into hotplug memory: every access goes through
-        // vm-memory after `MemoryManager::is_accessible` approved it.
-        if unsafe { libc::mprotect(ptr, len, prot) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
     }
 
     /// Faults `[offset, offset+len)` in writable so the backing exists before the guest uses

@@ -8,6 +8,8 @@
 //! consult it; devices only ask for state changes.
 
 use super::bitmap::BlockBitmap;
+use std::sync::Arc;
+
 use super::discard::HostMapping;
 use super::{MemoryError, MemoryManager, MemorySlot};
 use crate::arch::x86_64::layout::GuestRange;
@@ -75,8 +77,6 @@ pub struct HotplugRegionInfo {
     pub backing: Backing,
     /// Whether plugging faults the backing in first.
     pub prealloc: bool,
-    /// KVM slot id, once registered.
-    pub slot: Option<u32>,
 }
 
 /// Why a plug or unplug failed. After an error the blocks named in it keep their old state.
@@ -106,7 +106,7 @@ pub enum PlugError {
         #[source]
         source: std::io::Error,
     },
-    /// Changing the protection of the host mapping failed (e.g. vm.max_map_count reached).
+    /// Changing the protection of the host mapping failed.
     #[error("cannot change protection of {size:#x} bytes at {gpa:#x}")]
     Protect {
         /// Guest-physical start.
@@ -117,6 +117,9 @@ pub enum PlugError {
         #[source]
         source: std::io::Error,
     },
+    /// KVM refused a memory slot change.
+    #[error("cannot update the memory slots of plugged blocks")]
+    Slot(#[source] Box<MemoryError>),
     /// Discarding the memory of unplugged blocks failed.
     #[error("cannot discard {size:#x} bytes at {gpa:#x}")]
     Discard {
@@ -138,7 +141,6 @@ pub(crate) struct HotplugRegion {
     prealloc: bool,
     mapping: HostMapping,
     plugged: BlockBitmap,
-    slot: Option<u32>,
     /// Test hook: `Some(n)` lets n more populate calls succeed, then fails one as if the host
     /// were out of memory.
     #[cfg(test)]
@@ -152,7 +154,6 @@ impl HotplugRegion {
             block_size: self.block_size,
             backing: self.mapping.backing(),
             prealloc: self.prealloc,
-            slot: self.slot,
         }
     }
 
@@ -190,9 +191,6 @@ impl HotplugRegion {
     /// Plugs one run of unplugged blocks; on failure the run is left unplugged.
     fn plug_run(&mut self, first: u64, count: u64) -> Result<(), PlugError> {
         let (gpa, offset, size) = self.bytes(first, count);
-        self.mapping
-            .protect(offset, size, true)
-            .map_err(|source| PlugError::Protect { gpa, size, source })?;
         let populate = self.prealloc || matches!(self.mapping.backing(), Backing::Hugetlbfs { .. });
         if populate {
             if let Err(source) = self.populate(offset, size) {
@@ -206,15 +204,12 @@ impl HotplugRegion {
         Ok(())
     }
 
-    /// Discards and protects one run of blocks, then marks it unplugged.
+    /// Discards one run of blocks and marks it unplugged.
     fn unplug_run(&mut self, first: u64, count: u64) -> Result<(), PlugError> {
         let (gpa, offset, size) = self.bytes(first, count);
         self.mapping
             .discard(offset, size)
             .map_err(|source| PlugError::Discard { gpa, size, source })?;
-        self.mapping
-            .protect(offset, size, false)
-            .map_err(|source| PlugError::Protect { gpa, size, source })?;
         self.plugged.set_range(first, count, false);
         Ok(())
     }
@@ -228,27 +223,69 @@ impl HotplugRegion {
 }
 
 impl MemoryManager {
-    /// Maps a hotplug region over `range`, fully unplugged and inaccessible, and registers it
-    /// with `vm` as one memory slot. It also becomes part of [`MemoryManager::guest_memory`].
+    /// Maps a hotplug region over `range`, fully unplugged, for `vm`. It becomes part of
+    /// [`MemoryManager::guest_memory`]; KVM sees only its plugged blocks.
+    ///
+    /// Unplugged blocks are kept out of the guest by having no memory slot, not by host page
+    /// protection: any guest access to them exits to the VMM as MMIO (on shadow-paging and
+    /// TDP hosts alike), where it is reported, and the host mapping stays simple. Plugged
+    /// blocks are covered by one slot per maximal run, so a 4 GiB plug of contiguous blocks
+    /// is one slot, not one per block.
     pub fn add_hotplug_region(
         &mut self,
-        vm: &VmFd,
+        vm: &Arc<VmFd>,
         range: GuestRange,
         block_size: u64,
         backing: Backing,
         prealloc: bool,
     ) -> Result<HotplugRegionId, MemoryError> {
         let id = self.map_hotplug_region(range, block_size, backing, prealloc)?;
-        let slot = MemorySlot {
-            slot: self.next_slot,
-            range,
-            host_addr: self.hotplug[id.0].mapping.host_addr(),
-        };
-        self.set_slot(vm, &slot)?;
-        self.next_slot += 1;
-        self.slots.push(slot);
-        self.hotplug[id.0].slot = Some(slot.slot);
+        self.vm = Some(vm.clone());
         Ok(id)
+    }
+
+    /// Makes KVM's slots over region `id` cover exactly its plugged runs: slots for runs that
+    /// no longer exist go, slots for new runs come.
+    fn sync_slots(&mut self, id: HotplugRegionId) -> Result<(), PlugError> {
+        let Some(vm) = self.vm.clone() else {
+            return Ok(());
+        };
+        let region = self.region(id)?;
+        let (range, block_size, host_base) =
+            (region.range, region.block_size, region.mapping.host_addr());
+        let wanted: Vec<GuestRange> = region
+            .plugged
+            .runs(0, region.plugged.len(), true)
+            .into_iter()
+            .map(|(first, count)| GuestRange {
+                start: range.start + first * block_size,
+                size: count * block_size,
+            })
+            .collect();
+        let slot_error = |source: MemoryError| PlugError::Slot(Box::new(source));
+        let stale: Vec<MemorySlot> = self
+            .slots
+            .iter()
+            .filter(|s| range.contains(s.range.start) && !wanted.contains(&s.range))
+            .copied()
+            .collect();
+        for slot in &stale {
+            self.delete_slot(&vm, slot).map_err(slot_error)?;
+            self.slots.retain(|s| s.slot != slot.slot);
+        }
+        for run in wanted {
+            if self.slots.iter().any(|s| s.range == run) {
+                continue;
+            }
+            let slot = MemorySlot {
+                slot: self.free_slot_id(),
+                range: run,
+                host_addr: host_base + (run.start - range.start),
+            };
+            self.set_slot(&vm, &slot).map_err(slot_error)?;
+            self.slots.push(slot);
+        }
+        Ok(())
     }
 
     fn check_hotplug_range(
@@ -340,7 +377,6 @@ impl MemoryManager {
             prealloc,
             plugged: BlockBitmap::new(range.size / block_size),
             mapping,
-            slot: None,
             #[cfg(test)]
             populate_budget: None,
         });
@@ -386,7 +422,7 @@ impl MemoryManager {
                 return Err(e);
             }
         }
-        Ok(())
+        self.sync_slots(id)
     }
 
     /// Unplugs `count` blocks from `first_block`: discards their memory and makes them
@@ -399,7 +435,15 @@ impl MemoryManager {
     ) -> Result<(), PlugError> {
         let region = self.region_mut(id)?;
         region.check(first_block, count)?;
-        for (first, n) in region.plugged.runs(first_block, count, true) {
+        // The slots go first: once KVM no longer maps the blocks, discarding them cannot race
+        // with a guest access that would fault them back in.
+        let runs = region.plugged.runs(first_block, count, true);
+        for &(first, n) in &runs {
+            region.plugged.set_range(first, n, false);
+        }
+        self.sync_slots(id)?;
+        let region = self.region_mut(id)?;
+        for (first, n) in runs {
             region.unplug_run(first, n)?;
         }
         Ok(())

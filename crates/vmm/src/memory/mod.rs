@@ -96,6 +96,8 @@ pub struct MemoryManager {
     slots: Vec<MemorySlot>,
     next_slot: u32,
     hotplug: Vec<hotplug::HotplugRegion>,
+    /// The VM whose slots follow the plugged blocks (set when a hotplug region is added).
+    vm: Option<Arc<VmFd>>,
 }
 
 impl MemoryManager {
@@ -126,6 +128,7 @@ impl MemoryManager {
             slots: Vec::new(),
             next_slot: 0,
             hotplug: Vec::new(),
+            vm: None,
         })
     }
 
@@ -169,11 +172,27 @@ impl MemoryManager {
     }
 
     fn set_slot(&self, vm: &VmFd, slot: &MemorySlot) -> Result<(), MemoryError> {
+        self.write_slot(vm, slot, slot.range.size)
+    }
+
+    /// Removes `slot` from KVM (memory size 0 deletes a slot).
+    fn delete_slot(&self, vm: &VmFd, slot: &MemorySlot) -> Result<(), MemoryError> {
+        self.write_slot(vm, slot, 0)
+    }
+
+    /// The lowest slot id not in use.
+    fn free_slot_id(&self) -> u32 {
+        (self.next_slot..)
+            .find(|id| self.slots.iter().all(|s| s.slot != *id))
+            .unwrap_or(self.next_slot)
+    }
+
+    fn write_slot(&self, vm: &VmFd, slot: &MemorySlot, size: u64) -> Result<(), MemoryError> {
         let region = kvm_userspace_memory_region {
             slot: slot.slot,
             flags: 0,
             guest_phys_addr: slot.range.start,
-            memory_size: slot.range.size,
+            memory_size: size,
             userspace_addr: slot.host_addr,
         };
         // SAFETY: `host_addr..host_addr+size` is a live mapping owned by `self.guest_memory`

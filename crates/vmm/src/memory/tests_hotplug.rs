@@ -276,17 +276,20 @@ fn hugetlb_checks(free: u64) {
 }
 
 #[test]
-fn hotplug_region_is_one_kvm_slot() {
+fn kvm_slots_cover_exactly_the_plugged_runs() {
     let kvm = match kvm_ioctls::Kvm::new() {
         Ok(kvm) => kvm,
         Err(e) => {
-            eprintln!("SKIPPED: no /dev/kvm ({e}): hotplug_region_is_one_kvm_slot not run");
+            eprintln!(
+                "SKIPPED: no /dev/kvm ({e}): kvm_slots_cover_exactly_the_plugged_runs not run"
+            );
             return;
         }
     };
-    let vm = kvm.create_vm().unwrap();
+    let vm = std::sync::Arc::new(kvm.create_vm().unwrap());
     let mut mm = manager();
     mm.register_boot_ram(&vm).unwrap();
+    let boot_slots = mm.slots().len();
     let start = mm.layout().hotplug_area.start;
     let range = GuestRange {
         start,
@@ -295,11 +298,45 @@ fn hotplug_region_is_one_kvm_slot() {
     let id = mm
         .add_hotplug_region(&vm, range, BLOCK, Backing::Anonymous, false)
         .unwrap();
-    assert_eq!(mm.slots().len(), 2);
-    let slot = mm.slots()[1];
-    assert_eq!(slot.range, range);
-    assert_eq!(mm.hotplug_region(id).unwrap().slot, Some(slot.slot));
+    let hotplug_slots = |mm: &MemoryManager| -> Vec<GuestRange> {
+        let mut ranges: Vec<GuestRange> = mm
+            .slots()
+            .iter()
+            .filter(|s| range.contains(s.range.start))
+            .map(|s| s.range)
+            .collect();
+        ranges.sort_by_key(|r| r.start);
+        ranges
+    };
+    // Nothing plugged: KVM maps none of the region, so guest accesses exit to the VMM.
+    assert!(hotplug_slots(&mm).is_empty());
+    // The whole region plugged in pieces is still one slot.
+    mm.plug(id, 0, 256).unwrap();
+    mm.plug(id, 256, 256).unwrap();
+    assert_eq!(hotplug_slots(&mm), vec![range]);
+    let slot = mm
+        .slots()
+        .iter()
+        .find(|s| s.range == range)
+        .copied()
+        .unwrap();
     assert_eq!(slot.host_addr, mm.hotplug_mapping(id).host_addr());
-    mm.plug(id, 0, 512).unwrap();
+    // A hole in the middle splits it in two.
+    mm.unplug(id, 100, 10).unwrap();
+    assert_eq!(
+        hotplug_slots(&mm),
+        vec![
+            GuestRange {
+                start,
+                size: 100 * BLOCK
+            },
+            GuestRange {
+                start: start + 110 * BLOCK,
+                size: 402 * BLOCK
+            },
+        ]
+    );
     mm.unplug_all(id).unwrap();
+    assert!(hotplug_slots(&mm).is_empty());
+    assert_eq!(mm.slots().len(), boot_slots);
 }
