@@ -5,6 +5,7 @@
 //! memory itself.
 
 mod backing;
+mod balloon;
 mod bitmap;
 mod discard;
 mod hotplug;
@@ -22,6 +23,7 @@ use vm_memory::{
 
 use crate::arch::x86_64::layout::{GuestLayout, GuestRange};
 pub use backing::host_memory_bytes;
+pub use balloon::{DiscardError, DiscardOutcome, DISCARD_GRANULE};
 pub use hotplug::{
     Backing, BlockRangeState, HotplugRegionId, HotplugRegionInfo, PlugError, UnpluggedAccess,
 };

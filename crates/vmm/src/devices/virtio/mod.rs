@@ -6,6 +6,7 @@
 
 use vm_memory::GuestMemoryMmap;
 
+pub mod balloon;
 pub mod mem;
 pub mod msix;
 pub mod transport_pci;
