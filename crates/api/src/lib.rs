@@ -30,5 +30,6 @@ pub use client::{ApiClient, ClientError, DEFAULT_TIMEOUT};
 pub use server::{ApiServer, ApiServerError, MAX_REQUEST_BODY_BYTES};
 pub use types::{
     parse_byte_size, ApiError, ApiRequest, ApiResponse, ErrorBody, GuestRange, HostRss, MemoryInfo,
-    MemoryViolation, RequestHandler, ResizeVirtioMemBody, VirtioMemInfo, VmInfo, VmState,
+    MemoryViolation, RequestHandler, ResizeVirtioMemBody, VirtioMemCounters, VirtioMemInfo, VmInfo,
+    VmState,
 };

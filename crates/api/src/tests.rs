@@ -84,6 +84,7 @@ fn sample_info() -> VmInfo {
             requested_size: 0,
             usable_region_size: 8 << 30,
             last_busy_reason: None,
+            counters: Default::default(),
         }],
         memory_violations: Vec::new(),
         memory_violation_count: 0,

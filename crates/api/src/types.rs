@@ -84,6 +84,29 @@ pub struct HostRss {
     pub vmm_bytes: u64,
 }
 
+/// Per-device virtio-mem counters (since the VM booted).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioMemCounters {
+    /// Requests answered ACK.
+    pub ack: u64,
+    /// Requests answered NACK (plugging past requested_size).
+    pub nack: u64,
+    /// Requests answered BUSY (the host could not supply memory).
+    pub busy: u64,
+    /// Requests answered ERROR (malformed or invalid).
+    pub error: u64,
+    /// Descriptor chains too malformed to answer.
+    pub malformed: u64,
+    /// Bytes plugged and unplugged.
+    pub bytes_plugged: u64,
+    /// Bytes unplugged.
+    pub bytes_unplugged: u64,
+    /// Wall time tidevm spent handling PLUG requests (its own share of a resize), in ns.
+    pub plug_handling_ns: u64,
+    /// Same for UNPLUG and UNPLUG_ALL, including the host's page freeing.
+    pub unplug_handling_ns: u64,
+}
+
 /// One guest access to memory it does not own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryViolation {
@@ -118,6 +141,9 @@ pub struct VirtioMemInfo {
     /// memory), until a later plug or unplug succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_busy_reason: Option<String>,
+    /// What the device answered the guest so far, and the VMM's own time spent on it.
+    #[serde(default)]
+    pub counters: VirtioMemCounters,
 }
 
 /// Body of `GET /vm/info`.

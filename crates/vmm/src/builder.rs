@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::numa::{split_boot_ram, NumaNode};
 use crate::acpi::{self, AcpiConfig, DsdtConfig};
 use crate::arch::x86_64::layout::{
     GuestLayout, GuestRange, ACPI_PM_PORT, GED_GSI, GED_MMIO_SIZE, GED_MMIO_START, PCI_CONFIG_PORT,
@@ -183,6 +184,7 @@ pub fn build_vm(
         dsdt: DsdtConfig {
             pci_mmio64: layout.pci_mmio64,
         },
+        numa: numa_nodes(config, &layout),
     };
     let rsdp = acpi::write_acpi_tables(memory.guest_memory(), &acpi_config)?;
     regs::write_boot_gdt(memory.guest_memory())?;
@@ -225,6 +227,31 @@ pub fn build_vm(
         vm_fd,
         memory,
     })
+}
+
+/// The NUMA topology the SRAT describes: each node's vCPUs, its share of boot RAM, and the
+/// regions of the virtio-mem devices placed on it.
+fn numa_nodes(config: &VmConfig, layout: &GuestLayout) -> Vec<NumaNode> {
+    let sizes: Vec<u64> = config.numa.iter().map(|n| n.memory).collect();
+    let memory = split_boot_ram(&layout.ram, &sizes);
+    let regions = virtio_mem_regions(&config.virtio_mem, layout);
+    config
+        .numa
+        .iter()
+        .zip(memory)
+        .map(|(node, memory)| NumaNode {
+            id: node.id,
+            cpus: node.cpus.clone(),
+            memory,
+            hotplug: config
+                .virtio_mem
+                .iter()
+                .zip(&regions)
+                .filter(|(d, _)| d.node.unwrap_or(0) == node.id)
+                .map(|(_, r)| *r)
+                .collect(),
+        })
+        .collect()
 }
 
 /// Where each virtio-mem region goes: one after the other in the hotplug area, each starting

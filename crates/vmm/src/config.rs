@@ -260,6 +260,71 @@ impl VirtioMemDeviceConfig {
     }
 }
 
+/// One NUMA node: `node=ID,cpus=LIST,memory=SIZE` (cpus as `0`, `0-3` or `0:2:5`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NumaNodeConfig {
+    /// Node id = ACPI proximity domain (nodes are numbered 0..n).
+    pub id: u32,
+    /// vCPU indices on this node.
+    pub cpus: Vec<u8>,
+    /// Boot RAM on this node.
+    pub memory: u64,
+}
+
+impl NumaNodeConfig {
+    /// Parses the `--numa` value.
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: String| ConfigError::InvalidOption {
+            option: "numa",
+            value: value.to_string(),
+            reason,
+        };
+        let (mut id, mut cpus, mut memory) = (None, Vec::new(), None);
+        for item in value.split(',') {
+            match item.split_once('=') {
+                Some(("node", v)) => {
+                    id = Some(
+                        v.parse()
+                            .map_err(|_| invalid(format!("node '{v}' is not a number")))?,
+                    )
+                }
+                Some(("cpus", v)) => {
+                    cpus =
+                        parse_cpu_list(v).ok_or_else(|| invalid(format!("bad cpu list '{v}'")))?
+                }
+                Some(("memory", v)) => memory = Some(parse_size(v)?),
+                _ => {
+                    return Err(invalid(format!(
+                        "unknown item '{item}' (node=, cpus=, memory=)"
+                    )))
+                }
+            }
+        }
+        Ok(NumaNodeConfig {
+            id: id.ok_or_else(|| invalid("node= is required".into()))?,
+            cpus,
+            memory: memory.ok_or_else(|| invalid("memory= is required".into()))?,
+        })
+    }
+}
+
+fn parse_cpu_list(text: &str) -> Option<Vec<u8>> {
+    let mut cpus = Vec::new();
+    for part in text.split(':') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (u8, u8) = (a.parse().ok()?, b.parse().ok()?);
+                if a > b {
+                    return None;
+                }
+                cpus.extend(a..=b);
+            }
+            None => cpus.push(part.parse().ok()?),
+        }
+    }
+    Some(cpus)
+}
+
 /// Everything needed to build and boot a VM.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
@@ -279,6 +344,8 @@ pub struct VmConfig {
     pub virtio_mem: Vec<VirtioMemDeviceConfig>,
     /// What to do when the guest touches memory it does not own.
     pub violation_policy: ViolationPolicy,
+    /// NUMA nodes (empty: one node, no SRAT).
+    pub numa: Vec<NumaNodeConfig>,
 }
 
 /// What happens when the guest touches hotplug memory that is not plugged.
@@ -319,6 +386,26 @@ impl VmConfig {
                 });
             }
         }
+        self.validate_numa()?;
+        let total_hotplug: u64 = self.virtio_mem.iter().map(|d| d.size).sum();
+        if total_hotplug > crate::arch::x86_64::layout::HOTPLUG_AREA_SIZE {
+            return Err(ConfigError::InvalidMemory {
+                size: format_size(total_hotplug),
+                reason: format!(
+                    "virtio-mem regions exceed the {} hotplug area",
+                    format_size(crate::arch::x86_64::layout::HOTPLUG_AREA_SIZE)
+                ),
+            });
+        }
+        for (i, device) in self.virtio_mem.iter().enumerate() {
+            if self.virtio_mem[..i].iter().any(|d| d.id == device.id) {
+                return Err(ConfigError::InvalidOption {
+                    option: "virtio-mem",
+                    value: device.id.clone(),
+                    reason: "two devices have this id".into(),
+                });
+            }
+        }
         for (what, path) in [
             ("kernel", Some(&self.kernel)),
             ("initramfs", self.initramfs.as_ref()),
@@ -331,6 +418,84 @@ impl VmConfig {
                     });
                 }
             }
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    fn validate_numa(&self) -> Result<(), ConfigError> {
+        let invalid = |value: String, reason: String| ConfigError::InvalidOption {
+            option: "numa",
+            value,
+            reason,
+        };
+        if self.numa.is_empty() {
+            if let Some(d) = self
+                .virtio_mem
+                .iter()
+                .find(|d| d.node.is_some_and(|n| n != 0))
+            {
+                return Err(ConfigError::InvalidOption {
+                    option: "virtio-mem",
+                    value: d.id.clone(),
+                    reason: "a node other than 0 needs --numa nodes".into(),
+                });
+            }
+            return Ok(());
+        }
+        for (i, node) in self.numa.iter().enumerate() {
+            if node.id as usize != i {
+                return Err(invalid(
+                    format!("node={}", node.id),
+                    "nodes must be given in order, numbered from 0".into(),
+                ));
+            }
+        }
+        let mut seen = vec![false; usize::from(self.cpus)];
+        for node in &self.numa {
+            for &cpu in &node.cpus {
+                match seen.get_mut(usize::from(cpu)) {
+                    Some(s) if !*s => *s = true,
+                    Some(_) => {
+                        return Err(invalid(
+                            format!("cpus of node {}", node.id),
+                            format!("vCPU {cpu} is on two nodes"),
+                        ))
+                    }
+                    None => {
+                        return Err(invalid(
+                            format!("cpus of node {}", node.id),
+                            format!("vCPU {cpu} does not exist (--cpus {})", self.cpus),
+                        ))
+                    }
+                }
+            }
+        }
+        if let Some(cpu) = seen.iter().position(|s| !s) {
+            return Err(invalid(String::new(), format!("vCPU {cpu} is on no node")));
+        }
+        let total: u64 = self.numa.iter().map(|n| n.memory).sum();
+        if total != self.memory.size {
+            return Err(invalid(
+                String::new(),
+                format!(
+                    "the nodes' memory adds up to {}, but --memory is {}",
+                    format_size(total),
+                    format_size(self.memory.size)
+                ),
+            ));
+        }
+        if let Some(d) = self
+            .virtio_mem
+            .iter()
+            .find(|d| d.node.is_some_and(|n| n as usize >= self.numa.len()))
+        {
+            return Err(ConfigError::InvalidOption {
+                option: "virtio-mem",
+                value: d.id.clone(),
+                reason: format!("node {} is not a --numa node", d.node.unwrap_or(0)),
+            });
         }
         Ok(())
     }
@@ -430,6 +595,7 @@ mod tests {
             serial: SerialConfig::Off,
             virtio_mem: Vec::new(),
             violation_policy: ViolationPolicy::Report,
+            numa: Vec::new(),
         };
         assert!(config.validate(Some(4 << 30)).is_ok());
         let err = config.validate(Some(512 << 20)).unwrap_err().to_string();

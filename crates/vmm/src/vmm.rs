@@ -10,7 +10,7 @@ use std::os::fd::AsRawFd;
 use kvm_ioctls::Kvm;
 use tidevm_api::{
     ApiError, ApiRequest, ApiResponse, HostRss, MemoryInfo, MemoryViolation, RequestHandler,
-    VirtioMemInfo, VmInfo, VmState,
+    VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -416,12 +416,23 @@ impl Vmm {
         vm.virtio_mem
             .iter()
             .map(|d| {
-                let status = d
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .device()
-                    .status();
+                let transport = d.lock().unwrap_or_else(|e| e.into_inner());
+                let status = transport.device().status();
+                let m = transport.device().metrics();
+                let all = [m.plug, m.unplug, m.unplug_all, m.state];
+                let counters = VirtioMemCounters {
+                    ack: all.iter().map(|c| c.ack).sum(),
+                    nack: all.iter().map(|c| c.nack).sum(),
+                    busy: all.iter().map(|c| c.busy).sum(),
+                    error: all.iter().map(|c| c.error).sum(),
+                    malformed: m.malformed,
+                    bytes_plugged: m.bytes_plugged,
+                    bytes_unplugged: m.bytes_unplugged,
+                    plug_handling_ns: m.plug_time.as_nanos() as u64,
+                    unplug_handling_ns: m.unplug_time.as_nanos() as u64,
+                };
                 VirtioMemInfo {
+                    counters,
                     id: status.id,
                     node: status.node.unwrap_or(0),
                     region: tidevm_api::GuestRange {

@@ -29,16 +29,19 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Boot time to the guest's ready marker, and tidevm's own RSS apart from guest memory.
     Boot(BootArgs),
-    // Extension point: `VirtioMem(VirtioMemArgs)`, `Balloon(BalloonArgs)` and
-    // `Dimm(DimmArgs)` go here, each with a `fn(&Lane, &Args) -> Vec<RunRecord>`.
+    /// virtio-mem: time from the API request until the guest has plugged SIZE, and back to
+    /// 0; tidevm's own share of that time; host RSS.
+    VirtioMem(super::bench_virtio_mem::VirtioMemArgs),
+    // Extension point: `Balloon(BalloonArgs)` and `Dimm(DimmArgs)` go here, each with a
+    // `fn(&Lane, &Args) -> Vec<RunRecord>`.
 }
 
 /// Options shared by every benchmark.
 #[derive(Debug, Args)]
-struct CommonArgs {
+pub(super) struct CommonArgs {
     /// How many times to run the scenario.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
-    runs: u32,
+    pub(super) runs: u32,
     /// Print one JSON document on stdout instead of a table.
     #[arg(long)]
     json: bool,
@@ -79,6 +82,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
             json!({ "cpus": boot.cpus, "memory": boot.memory }),
             bench_boot(&lane, boot),
         ),
+        BenchCommand::VirtioMem(mem) => (
+            "virtio-mem",
+            &mem.common,
+            json!({ "size": mem.size, "memory": mem.memory }),
+            super::bench_virtio_mem::run(&lane, mem),
+        ),
     };
     print_report(name, &lane, common, &params, &records);
     Ok(if records.iter().all(|r| r.result.is_ok()) {
@@ -90,17 +99,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
 
 /// A measured quantity of one run.
 #[derive(Debug, Clone, Copy)]
-struct Metric {
+pub(super) struct Metric {
     /// Stable key for JSON.
-    key: &'static str,
+    pub(super) key: &'static str,
     /// Label for the table.
-    label: &'static str,
-    unit: Unit,
-    value: f64,
+    pub(super) label: &'static str,
+    pub(super) unit: Unit,
+    pub(super) value: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Unit {
+pub(super) enum Unit {
     Seconds,
     Bytes,
 }
@@ -122,10 +131,10 @@ impl Unit {
 
 /// What one run produced: its metrics, or why it failed.
 #[derive(Debug)]
-struct RunRecord {
-    result: Result<Vec<Metric>, String>,
+pub(super) struct RunRecord {
+    pub(super) result: Result<Vec<Metric>, String>,
     /// Remarks that do not fail the run.
-    notes: Vec<String>,
+    pub(super) notes: Vec<String>,
 }
 
 fn lane_description(lane: &Lane) -> &'static str {
@@ -298,7 +307,7 @@ fn lane_ready_seconds(
 }
 
 /// `memory.host_rss` of `tidevm ctl info`: (vmm, guest memory, total) bytes.
-fn read_host_rss(guest: &Guest<'_>) -> Result<(u64, u64, u64), String> {
+pub(super) fn read_host_rss(guest: &Guest<'_>) -> Result<(u64, u64, u64), String> {
     let (rc, output) = guest.ctl(&["info"]).map_err(|e| one_line(&e))?;
     if rc != 0 {
         return Err(format!("tidevm ctl info failed ({rc}): {}", output.trim()));
@@ -332,7 +341,7 @@ fn guest_dir(guest: &Guest<'_>) -> String {
 }
 
 /// The first line of an error (lane errors append console tails).
-fn one_line(error: &impl std::fmt::Display) -> String {
+pub(super) fn one_line(error: &impl std::fmt::Display) -> String {
     error.to_string().lines().next().unwrap_or("").to_string()
 }
 

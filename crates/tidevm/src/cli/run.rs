@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use tidevm_api::ApiServer;
-use tidevm_vmm::config::{MemoryConfig, SerialConfig, ViolationPolicy, VirtioMemDeviceConfig};
+use tidevm_vmm::config::{
+    MemoryConfig, NumaNodeConfig, SerialConfig, ViolationPolicy, VirtioMemDeviceConfig,
+};
 use tidevm_vmm::memory::host_memory_bytes;
 use tidevm_vmm::{VmConfig, Vmm};
 
@@ -37,6 +39,10 @@ pub struct RunArgs {
     /// [,requested=SIZE][,backing=anon|memfd|hugetlbfs][,prealloc=on|off].
     #[arg(long = "virtio-mem")]
     virtio_mem: Vec<String>,
+    /// A NUMA node (repeatable): node=ID,cpus=LIST,memory=SIZE; the nodes' memory must add
+    /// up to --memory.
+    #[arg(long)]
+    numa: Vec<String>,
     /// When the guest touches hotplug memory it does not own: report (log and API) or stop.
     #[arg(long, default_value = "report", value_parser = ["report", "stop"])]
     on_memory_violation: String,
@@ -55,6 +61,11 @@ impl RunArgs {
                 .virtio_mem
                 .iter()
                 .map(|v| VirtioMemDeviceConfig::parse(v))
+                .collect::<Result<_, _>>()?,
+            numa: self
+                .numa
+                .iter()
+                .map(|v| NumaNodeConfig::parse(v))
                 .collect::<Result<_, _>>()?,
             violation_policy: if self.on_memory_violation == "stop" {
                 ViolationPolicy::Stop

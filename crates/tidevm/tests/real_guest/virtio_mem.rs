@@ -7,7 +7,11 @@ use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 use crate::foundation::{check, mem_total_kib, BOOT, CMD};
 use crate::Scenario;
 
-pub const SCENARIOS: &[(&str, Scenario)] = &[("virtio_mem_plug_unplug", plug_unplug)];
+pub const SCENARIOS: &[(&str, Scenario)] = &[
+    ("virtio_mem_plug_unplug", plug_unplug),
+    ("virtio_mem_numa_two_nodes", numa_two_nodes),
+    ("virtio_mem_hugetlbfs", hugetlbfs_backing),
+];
 
 fn boot_with<'a>(lane: &'a Lane, memory: &str, extra_args: &[&str]) -> Result<Guest<'a>> {
     let guest = lane.boot_guest(&GuestOptions {
@@ -119,13 +123,18 @@ fn plug_unplug(lane: &Lane) -> Result<()> {
     )?;
 
     // Repeated plug/unplug must not leak host memory.
-    for _ in 0..4 {
+    for cycle in 1..=3 {
         resize(&guest, "mem0", "1G")?;
-        guest.run("memtouch 256", Duration::from_secs(300))?;
+        let touched = guest.run("memtouch 256", Duration::from_secs(300))?;
         resize(&guest, "mem0", "0")?;
+        eprintln!(
+            "cycle {cycle}: {} RSS {} MiB",
+            touched.trim(),
+            rss_mib(&guest)?
+        );
     }
     let rss_cycled = rss_mib(&guest)?;
-    eprintln!("tidevm RSS after 4 plug/touch/unplug cycles of 1 GiB: {rss_cycled} MiB");
+    eprintln!("tidevm RSS after 3 plug/touch/unplug cycles of 1 GiB: {rss_cycled} MiB");
     check(
         rss_cycled - rss_empty <= 32,
         &guest,
@@ -153,4 +162,144 @@ fn plug_unplug(lane: &Lane) -> Result<()> {
         ),
     )?;
     guest.poweroff(Duration::from_secs(120)).map(|_| ())
+}
+
+/// MemTotal of NUMA node `node` in KiB, from sysfs.
+fn node_mem_total_kib(guest: &Guest, node: u32) -> Result<u64> {
+    let line = guest.run(
+        &format!("grep MemTotal /sys/devices/system/node/node{node}/meminfo"),
+        CMD,
+    )?;
+    line.split_whitespace()
+        .nth(3)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| guest.failure(format!("cannot parse node {node} MemTotal from {line:?}")))
+}
+
+/// Two nodes, one virtio-mem device each: memory plugged into each shows up on its node.
+fn numa_two_nodes(lane: &Lane) -> Result<()> {
+    let guest = lane.boot_guest(&GuestOptions {
+        cpus: 2,
+        memory: "1G".into(),
+        extra_args: [
+            "--numa",
+            "node=0,cpus=0,memory=512M",
+            "--numa",
+            "node=1,cpus=1,memory=512M",
+            "--virtio-mem",
+            "id=mem0,size=2G,node=0",
+            "--virtio-mem",
+            "id=mem1,size=2G,node=1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..GuestOptions::default()
+    })?;
+    guest.wait_ready(BOOT)?;
+    let nodes = guest.run("ls -d /sys/devices/system/node/node*", CMD)?;
+    check(
+        nodes.contains("node0") && nodes.contains("node1"),
+        &guest,
+        format!("guest does not see two nodes: {nodes}"),
+    )?;
+    let cpu1_node = guest.run("ls -d /sys/devices/system/node/node1/cpu1", CMD)?;
+    check(
+        cpu1_node.contains("cpu1"),
+        &guest,
+        "vCPU 1 is not on node 1",
+    )?;
+    let (node0, node1) = (
+        node_mem_total_kib(&guest, 0)?,
+        node_mem_total_kib(&guest, 1)?,
+    );
+    resize(&guest, "mem0", "512M")?;
+    resize(&guest, "mem1", "1G")?;
+    let grown0 = node_mem_total_kib(&guest, 0)? - node0;
+    let grown1 = node_mem_total_kib(&guest, 1)? - node1;
+    check(
+        grown0 == 512 * 1024 && grown1 == 1024 * 1024,
+        &guest,
+        format!("node 0 grew by {grown0} KiB (want 512 MiB), node 1 by {grown1} KiB (want 1 GiB)"),
+    )?;
+    resize(&guest, "mem1", "0")?;
+    check(
+        node_mem_total_kib(&guest, 1)? == node1,
+        &guest,
+        "node 1 did not shrink back",
+    )?;
+    guest.poweroff(Duration::from_secs(120)).map(|_| ())
+}
+
+/// Free 2 MiB huge pages on the lane's host.
+fn free_hugepages(lane: &Lane) -> Result<u64> {
+    let (_, out) = lane.sh("grep HugePages_Free /proc/meminfo", CMD)?;
+    Ok(out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// hugetlbfs backing: plugging takes 2 MiB pages from the host's pool, unplugging gives them
+/// back.
+fn hugetlbfs_backing(lane: &Lane) -> Result<()> {
+    const PAGES: u64 = 600;
+    let (rc, out) = lane.sh(
+        &format!(
+            "echo {PAGES} > /proc/sys/vm/nr_hugepages 2>&1; grep HugePages_Total /proc/meminfo"
+        ),
+        CMD,
+    )?;
+    let total: u64 = out
+        .split_whitespace()
+        .last()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if rc != 0 || total < 512 {
+        let reason = format!(
+            "cannot reserve 512 huge pages on the lane host ({})",
+            out.trim()
+        );
+        eprintln!("\n*** SKIPPED: virtio_mem_hugetlbfs: {reason} ***\n");
+        println!("SKIPPED: virtio_mem_hugetlbfs: {reason}");
+        return Ok(());
+    }
+    let result = (|| {
+        let guest = boot_with(
+            lane,
+            "512M",
+            &["--virtio-mem", "id=mem0,size=2G,backing=hugetlbfs"],
+        )?;
+        let before = mem_total_kib(&guest)?;
+        let free_before = free_hugepages(lane)?;
+        resize(&guest, "mem0", "1G")?;
+        check(
+            mem_total_kib(&guest)? - before == 1024 * 1024,
+            &guest,
+            "MemTotal did not grow by 1 GiB",
+        )?;
+        let taken = free_before - free_hugepages(lane)?;
+        check(
+            taken == 512,
+            &guest,
+            format!("plugging 1 GiB took {taken} huge pages, not 512"),
+        )?;
+        let touched = guest.run("memtouch 128", Duration::from_secs(300))?;
+        check(
+            touched.contains(", 0 bad words"),
+            &guest,
+            format!("pattern check: {touched}"),
+        )?;
+        resize(&guest, "mem0", "0")?;
+        let back = free_hugepages(lane)?;
+        check(
+            back == free_before,
+            &guest,
+            format!("{back} huge pages free after unplug, {free_before} before"),
+        )?;
+        guest.poweroff(Duration::from_secs(120)).map(|_| ())
+    })();
+    let _ = lane.sh("echo 0 > /proc/sys/vm/nr_hugepages", CMD);
+    result
 }

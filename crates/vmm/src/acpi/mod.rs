@@ -4,6 +4,7 @@
 //! address goes to the kernel through PVH's `rsdp_paddr`.
 
 mod dsdt;
+pub mod numa;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -45,6 +46,8 @@ pub struct AcpiConfig {
     pub cpus: u8,
     /// Namespace contents.
     pub dsdt: DsdtConfig,
+    /// NUMA nodes (empty: no SRAT/SLIT, one implicit node).
+    pub numa: Vec<numa::NumaNode>,
 }
 
 fn aml_bytes(table: &dyn Aml) -> Vec<u8> {
@@ -80,6 +83,18 @@ pub fn write_acpi_tables<M: GuestMemory>(mem: &M, config: &AcpiConfig) -> Result
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     for table in [fadt, madt, mcfg] {
         xsdt.add_entry(table);
+    }
+    if !config.numa.is_empty() {
+        xsdt.add_entry(place(&numa::build_srat(
+            &config.numa,
+            OEM_ID,
+            OEM_TABLE_ID,
+        ))?);
+        xsdt.add_entry(place(&numa::build_slit(
+            config.numa.len(),
+            OEM_ID,
+            OEM_TABLE_ID,
+        ))?);
     }
     let xsdt = place(&aml_bytes(&xsdt))?;
     let rsdp = Rsdp::new(OEM_ID, xsdt);
@@ -151,6 +166,7 @@ mod tests {
         let config = AcpiConfig {
             cpus: 2,
             dsdt: DsdtConfig::default(),
+            numa: Vec::new(),
         };
         let rsdp = write_acpi_tables(&mem, &config).unwrap();
         let mut rsdp_bytes = [0u8; 36];

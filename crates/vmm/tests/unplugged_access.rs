@@ -1,0 +1,161 @@
+//! A guest that touches virtio-mem memory it does not own is caught: a 64-bit guest program
+//! on this host's /dev/kvm reads a plugged block (plain memory, no exit), then an unplugged
+//! block of the same region; the vCPU thread reports the second access with its address.
+//! (Linux never does this, so a tiny program stands in for a misbehaving guest.)
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::kvm_segment;
+use tidevm_vmm::arch::x86_64::layout::{GuestLayout, GuestRange};
+use tidevm_vmm::devices::Bus;
+use tidevm_vmm::memory::{Backing, MemoryManager};
+use tidevm_vmm::vstate::vcpu::{install_kick_handler, stop_vcpus, VcpuContext, VcpuThread};
+use tidevm_vmm::vstate::vm::{create_vm, open_kvm};
+use tidevm_vmm::vstate::{ExitRequester, VmExitReason};
+use vm_memory::{Bytes, GuestAddress};
+
+const BLOCK: u64 = 2 << 20;
+const CODE: u64 = 0x1000;
+const PML4: u64 = 0x10_000;
+const PDPT: u64 = 0x11_000;
+const RESULT: u64 = 0x2000;
+const PD_LOW: u64 = 0x12_000;
+const PD_REGION: u64 = 0x13_000;
+
+#[test]
+fn guest_access_to_an_unplugged_block_is_reported_with_its_address() {
+    let kvm = match open_kvm() {
+        Ok(kvm) => kvm,
+        Err(e) => {
+            eprintln!("\n*** SKIPPED: unplugged_access: no /dev/kvm ({e}) ***\n");
+            println!("SKIPPED: unplugged_access: no /dev/kvm");
+            return;
+        }
+    };
+    install_kick_handler().unwrap();
+    let mut memory = MemoryManager::new(GuestLayout::new(256 << 20)).unwrap();
+    let vm = Arc::new(create_vm(&kvm).unwrap());
+    memory.register_boot_ram(&vm).unwrap();
+    let region = GuestRange {
+        start: memory.layout().hotplug_area.start,
+        size: 1 << 30,
+    };
+    let id = memory
+        .add_hotplug_region(&vm, region, BLOCK, Backing::Anonymous, false)
+        .unwrap();
+    memory.plug(id, 0, 2).unwrap();
+    let plugged = region.start;
+    let unplugged = region.start + 64 * BLOCK + 0x40;
+    let mem = memory.guest_memory().clone();
+    mem.write_obj(0x5eed_f00du64, GuestAddress(plugged))
+        .unwrap();
+    assert!(memory.find_unplugged_access(unplugged).is_some());
+    assert!(memory.find_unplugged_access(plugged).is_none());
+
+    // Identity-map the first GiB and the GiB of the region with 2 MiB pages (1 GiB pages
+    // are not available on every KVM).
+    mem.write_obj(PDPT | 0x3, GuestAddress(PML4)).unwrap();
+    for (gib, table) in [(0u64, PD_LOW), (region.start >> 30, PD_REGION)] {
+        mem.write_obj(table | 0x3, GuestAddress(PDPT + gib * 8))
+            .unwrap();
+        for i in 0..512u64 {
+            let page = (gib << 30) + (i << 21);
+            mem.write_obj(page | 0x83, GuestAddress(table + i * 8))
+                .unwrap();
+        }
+    }
+    // movabs rax,[plugged]; mov [RESULT],rax; movabs rax,[unplugged]; hlt
+    let mut code = vec![0x48, 0xa1];
+    code.extend_from_slice(&plugged.to_le_bytes());
+    code.extend_from_slice(&[0x48, 0x89, 0x04, 0x25]);
+    code.extend_from_slice(&(RESULT as u32).to_le_bytes());
+    code.extend_from_slice(&[0x48, 0xa1]);
+    code.extend_from_slice(&unplugged.to_le_bytes());
+    code.push(0xf4);
+    mem.write_slice(&code, GuestAddress(CODE)).unwrap();
+
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let cpuid = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
+    vcpu.set_cpuid2(&cpuid).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    let code_seg = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x8,
+        type_: 0xb,
+        present: 1,
+        s: 1,
+        l: 1,
+        g: 1,
+        ..Default::default()
+    };
+    let data_seg = kvm_segment {
+        selector: 0x10,
+        type_: 0x3,
+        l: 0,
+        db: 1,
+        ..code_seg
+    };
+    sregs.cs = code_seg;
+    sregs.ds = data_seg;
+    sregs.es = data_seg;
+    sregs.ss = data_seg;
+    sregs.cr3 = PML4;
+    sregs.cr4 = 1 << 5; // PAE
+    sregs.cr0 = 0x8000_0011; // PG | ET | PE
+    sregs.efer = 0x500; // LME | LMA
+    vcpu.set_sregs(&sregs).unwrap();
+    let regs = kvm_bindings::kvm_regs {
+        rip: CODE,
+        rflags: 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).unwrap();
+
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = VcpuThread::spawn(
+        vcpu,
+        VcpuContext {
+            index: 0,
+            io_bus: Arc::new(Bus::new()),
+            mmio_bus: Arc::new(Bus::new()),
+            exit: ExitRequester::new(move |r| sink.lock().unwrap().push(r)),
+            stop: stop.clone(),
+            hotplug_ranges: Arc::new(vec![region]),
+        },
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while events.lock().unwrap().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    stop.store(true, Ordering::Release);
+    stop_vcpus(vec![thread]);
+
+    let events = events.lock().unwrap().clone();
+    // The plugged block is ordinary memory: the guest read it without any exit.
+    assert_eq!(
+        mem.read_obj::<u64>(GuestAddress(RESULT)).unwrap(),
+        0x5eed_f00d,
+        "events: {events:?}"
+    );
+    match events.first() {
+        Some(VmExitReason::Violation { gpa, write, vcpu }) => {
+            assert_eq!(*gpa, unplugged);
+            assert!(!write);
+            assert_eq!(*vcpu, 0);
+        }
+        // A TDP host (no shadow paging) reports it as a memory fault, also with the address.
+        Some(VmExitReason::Failed(message)) => {
+            assert!(message.contains(&format!("{unplugged:#x}")), "{message}")
+        }
+        other => panic!("no report of the unplugged access: {other:?}"),
+    }
+    drop(vm);
+}
