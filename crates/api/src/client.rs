@@ -120,6 +120,22 @@ impl ApiClient {
             .map(drop)
     }
 
+    /// `PUT /vm/balloon`.
+    pub fn set_balloon(&self, target_bytes: u64) -> Result<(), ClientError> {
+        let json = serde_json::to_vec(&serde_json::json!({ "target_size": target_bytes }))
+            .map_err(|error| ClientError::InvalidRequest {
+                detail: error.to_string(),
+            })?;
+        self.call_expecting_success("PUT", "/vm/balloon", Some(json))
+            .map(drop)
+    }
+
+    /// `GET /vm/balloon`.
+    pub fn balloon(&self) -> Result<crate::BalloonInfo, ClientError> {
+        let body = self.call_expecting_success("GET", "/vm/balloon", None)?;
+        serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
+    }
+
     /// `PUT /vm/virtio-mem/{id}`: ask the guest to have `requested_size_bytes`
     /// plugged from device `id`.
     pub fn resize_virtio_mem(

@@ -29,7 +29,7 @@ mod tests;
 pub use client::{ApiClient, ClientError, DEFAULT_TIMEOUT};
 pub use server::{ApiServer, ApiServerError, MAX_REQUEST_BODY_BYTES};
 pub use types::{
-    parse_byte_size, ApiError, ApiRequest, ApiResponse, ErrorBody, GuestRange, HostRss, MemoryInfo,
-    MemoryViolation, RequestHandler, ResizeVirtioMemBody, VirtioMemCounters, VirtioMemInfo, VmInfo,
-    VmState,
+    parse_byte_size, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats, ErrorBody,
+    GuestRange, HostRss, MemoryInfo, MemoryViolation, RequestHandler, ResizeVirtioMemBody,
+    SetBalloonBody, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
 };

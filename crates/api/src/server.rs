@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 
 use crate::types::{
     ApiError, ApiRequest, ApiResponse, ErrorBody, RequestHandler, ResizeVirtioMemBody,
+    SetBalloonBody,
 };
 
 /// Largest request body the server reads; larger ones get HTTP 413.
@@ -54,6 +55,8 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/shutdown"),
     ("PUT", "/vm/reboot"),
     ("PUT", "/vm/virtio-mem/{id}"),
+    ("GET", "/vm/balloon"),
+    ("PUT", "/vm/balloon"),
 ];
 
 /// Errors of binding and running the API server.
@@ -376,7 +379,7 @@ async fn serve_request(
     handler: Arc<dyn RequestHandler>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_owned();
-    let Some(endpoint) = Endpoint::from_path(&path) else {
+    let Some(endpoint) = Endpoint::from_path(&path, request.method().as_str()) else {
         return error_response(&ApiError::not_found(format!(
             "unknown route {}; the API has {}",
             abbreviate(&path),
@@ -427,7 +430,8 @@ pub(crate) fn parse_request(
     path: &str,
     body: &[u8],
 ) -> Result<ApiRequest, ApiError> {
-    let endpoint = Endpoint::from_path(path).ok_or_else(|| ApiError::not_found("unknown route"))?;
+    let endpoint = Endpoint::from_path(path, method.as_str())
+        .ok_or_else(|| ApiError::not_found("unknown route"))?;
     if method.as_str() != endpoint.method() {
         return Err(ApiError::method_not_allowed("method not allowed"));
     }
@@ -466,12 +470,18 @@ enum Endpoint {
     Shutdown,
     Reboot,
     VirtioMem { id: String },
+    BalloonStatus,
+    BalloonTarget,
 }
 
 impl Endpoint {
-    fn from_path(path: &str) -> Option<Endpoint> {
+    /// The endpoint for `path`; `method` only chooses between the two balloon routes that
+    /// share a path (a wrong method is reported later, as 405).
+    fn from_path(path: &str, method: &str) -> Option<Endpoint> {
         match path {
             "/vm/info" => Some(Endpoint::VmInfo),
+            "/vm/balloon" if method == "GET" => Some(Endpoint::BalloonStatus),
+            "/vm/balloon" => Some(Endpoint::BalloonTarget),
             "/vm/shutdown" => Some(Endpoint::Shutdown),
             "/vm/reboot" => Some(Endpoint::Reboot),
             _ => {
@@ -484,8 +494,11 @@ impl Endpoint {
 
     fn method(&self) -> &'static str {
         match self {
-            Endpoint::VmInfo => "GET",
-            Endpoint::Shutdown | Endpoint::Reboot | Endpoint::VirtioMem { .. } => "PUT",
+            Endpoint::VmInfo | Endpoint::BalloonStatus => "GET",
+            Endpoint::Shutdown
+            | Endpoint::Reboot
+            | Endpoint::VirtioMem { .. }
+            | Endpoint::BalloonTarget => "PUT",
         }
     }
 
@@ -494,6 +507,23 @@ impl Endpoint {
             Endpoint::VmInfo => expect_no_parameters(body).map(|()| ApiRequest::VmInfo),
             Endpoint::Shutdown => expect_no_parameters(body).map(|()| ApiRequest::Shutdown),
             Endpoint::Reboot => expect_no_parameters(body).map(|()| ApiRequest::Reboot),
+            Endpoint::BalloonStatus => {
+                expect_no_parameters(body).map(|()| ApiRequest::BalloonStatus)
+            }
+            Endpoint::BalloonTarget => {
+                let json: serde_json::Value = parse_json(body)?;
+                if !json.is_object() {
+                    return Err(ApiError::bad_request(
+                        r#"invalid request body: expected {"target_size": <bytes>}"#,
+                    ));
+                }
+                let parsed: SetBalloonBody = serde_json::from_value(json).map_err(|error| {
+                    ApiError::bad_request(format!("invalid request body: {error}"))
+                })?;
+                Ok(ApiRequest::SetBalloon {
+                    target_size: parsed.target_size,
+                })
+            }
             Endpoint::VirtioMem { id } => {
                 validate_device_id(&id)?;
                 if is_blank(body) {
@@ -570,12 +600,17 @@ fn abbreviate(text: &str) -> &str {
 fn success_response(response: ApiResponse) -> Response<Full<Bytes>> {
     match response {
         ApiResponse::Empty => build_response(StatusCode::NO_CONTENT, None),
-        ApiResponse::VmInfo(info) => match serde_json::to_vec(&info) {
-            Ok(json) => build_response(StatusCode::OK, Some(json)),
-            Err(error) => error_response(&ApiError::internal(format!(
-                "cannot serialize the VM info: {error}"
-            ))),
-        },
+        ApiResponse::VmInfo(info) => json_response(serde_json::to_vec(&info)),
+        ApiResponse::Balloon(info) => json_response(serde_json::to_vec(&info)),
+    }
+}
+
+fn json_response(json: serde_json::Result<Vec<u8>>) -> Response<Full<Bytes>> {
+    match json {
+        Ok(json) => build_response(StatusCode::OK, Some(json)),
+        Err(error) => error_response(&ApiError::internal(format!(
+            "cannot serialize the response: {error}"
+        ))),
     }
 }
 
@@ -614,7 +649,7 @@ mod tests {
     fn every_route_is_routed() {
         for (method, template) in ROUTES {
             let path = template.replace("{id}", "vmem0");
-            let endpoint = Endpoint::from_path(&path).expect(template);
+            let endpoint = Endpoint::from_path(&path, method).expect(template);
             assert_eq!(endpoint.method(), *method, "{template}");
         }
     }

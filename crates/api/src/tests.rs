@@ -111,8 +111,43 @@ impl RequestHandler for FakeVmm {
                 )))
             }
             ApiRequest::ResizeVirtioMem { .. } => Ok(ApiResponse::Empty),
+            ApiRequest::BalloonStatus => Ok(ApiResponse::Balloon(crate::BalloonInfo {
+                target_bytes: 1 << 30,
+                ..Default::default()
+            })),
+            ApiRequest::SetBalloon { .. } => Ok(ApiResponse::Empty),
         }
     }
+}
+
+#[test]
+fn balloon_routes_round_trip() {
+    let running = start();
+    running.client.set_balloon(512 << 20).unwrap();
+    assert_eq!(running.client.balloon().unwrap().target_bytes, 1 << 30);
+    let (status, _) = running
+        .client
+        .call(
+            "PUT",
+            "/vm/balloon",
+            Some(serde_json::json!({"target_size": "1G"})),
+        )
+        .unwrap();
+    assert_eq!(status, 204);
+    let (status, _) = running
+        .client
+        .call("PUT", "/vm/balloon", Some(serde_json::json!({"size": 1})))
+        .unwrap();
+    assert_eq!(status, 400);
+    let (status, _) = running.client.call("POST", "/vm/balloon", None).unwrap();
+    assert_eq!(status, 405);
+    let requests = running.vmm.requests.lock().unwrap().clone();
+    assert!(requests.contains(&ApiRequest::SetBalloon {
+        target_size: 512 << 20
+    }));
+    assert!(requests.contains(&ApiRequest::SetBalloon {
+        target_size: 1 << 30
+    }));
 }
 
 struct Running {

@@ -18,6 +18,14 @@ pub enum ApiRequest {
     Shutdown,
     /// `PUT /vm/reboot`: reset the VM.
     Reboot,
+    /// `GET /vm/balloon`: the balloon's target, what the guest claims, what the host
+    /// measured, and the guest's memory statistics.
+    BalloonStatus,
+    /// `PUT /vm/balloon`: set the balloon's target size.
+    SetBalloon {
+        /// Bytes the guest should give back to the host.
+        target_size: u64,
+    },
     /// `PUT /vm/virtio-mem/{id}`: change how much memory the guest should
     /// have plugged from the virtio-mem device `id`.
     ResizeVirtioMem {
@@ -35,6 +43,52 @@ pub enum ApiResponse {
     Empty,
     /// The VM description: HTTP 200 with a [`VmInfo`] body.
     VmInfo(VmInfo),
+    /// The balloon: HTTP 200 with a [`BalloonInfo`] body.
+    Balloon(BalloonInfo),
+}
+
+/// Body of `PUT /vm/balloon`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetBalloonBody {
+    /// Target balloon size in bytes (integer, or a string like `"1G"`).
+    #[serde(deserialize_with = "deserialize_byte_size")]
+    pub target_size: u64,
+}
+
+/// What `GET /vm/balloon` returns. The guest's claims (`actual_bytes`, `stats`) are shown
+/// next to what the host measured itself; they are never trusted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonInfo {
+    /// Requested balloon size.
+    pub target_bytes: u64,
+    /// Balloon size the guest claims (its `actual` config field).
+    pub actual_bytes: u64,
+    /// Balloon size the host counted from acknowledged inflates minus deflates.
+    pub inflated_bytes: u64,
+    /// Guest memory the host really discarded for inflates.
+    pub discarded_bytes: u64,
+    /// Free memory the guest reported and the host discarded (free page reporting).
+    pub reported_free_bytes: u64,
+    /// PFNs the guest sent that were not its RAM (rejected, counted).
+    pub bad_pfns: u64,
+    /// Discard system calls made (one per contiguous range, not per page).
+    pub discard_syscalls: u64,
+    /// The guest's last memory statistics (its claims), if any.
+    pub stats: Option<BalloonStats>,
+    /// What the host noticed: the guest reusing inflated pages, claims that do not match.
+    pub warnings: Vec<String>,
+    /// The VMM's resident memory, measured by the host.
+    pub host_rss: HostRss,
+}
+
+/// The guest's memory statistics, as it reported them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonStats {
+    /// Seconds since the guest sent them.
+    pub age_seconds: u64,
+    /// Values by name (bytes or counts, as the virtio spec defines them).
+    pub values: std::collections::BTreeMap<String, u64>,
 }
 
 /// Life-cycle state of the VM.

@@ -22,6 +22,7 @@ use crate::devices::legacy::{I8042Reset, I8042_PORT, I8042_PORT_LEN};
 use crate::devices::pci::root::PCI_CONFIG_IO_SIZE;
 use crate::devices::pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot};
 use crate::devices::platform::{AcpiPowerManagement, ACPI_PM_SIZE};
+use crate::devices::virtio::balloon::{BalloonConfig, BalloonDevice};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemConfig, VirtioMemError};
 use crate::devices::virtio::transport_pci::{
     VirtioPciDevice, VirtioPciError, VirtioTransport, BAR_SIZE,
@@ -76,6 +77,9 @@ pub enum BuildError {
         #[source]
         source: VirtioMemError,
     },
+    /// The balloon could not be created.
+    #[error("cannot create the balloon")]
+    Balloon(#[source] crate::devices::virtio::balloon::BalloonError),
     /// A virtio transport could not be created.
     #[error(transparent)]
     VirtioPci(#[from] VirtioPciError),
@@ -117,6 +121,8 @@ pub struct RunningVm {
     pub virtio: Vec<Arc<Mutex<dyn VirtioTransport>>>,
     /// The virtio-mem devices (also in `virtio`), in configuration order.
     pub virtio_mem: Vec<Arc<Mutex<VirtioPciDevice<VirtioMem>>>>,
+    /// The balloon (also in `virtio`), if configured.
+    pub balloon: Option<Arc<Mutex<VirtioPciDevice<BalloonDevice>>>>,
     /// Guest-physical ranges of the hotplug regions (for the vCPUs' fault reports).
     pub hotplug_ranges: Arc<Vec<GuestRange>>,
     /// GSI routes for MSI-X.
@@ -174,10 +180,38 @@ pub fn build_vm(
             })
             .collect::<Vec<_>>(),
     );
-    let virtio: Vec<Arc<Mutex<dyn VirtioTransport>>> = virtio_mem
+    let balloon = match &config.balloon {
+        Some(balloon_config) => {
+            let device = BalloonDevice::new(BalloonConfig {
+                target_bytes: balloon_config.size,
+                deflate_on_oom: balloon_config.deflate_on_oom,
+                free_page_reporting: balloon_config.free_page_reporting,
+                stats_interval: balloon_config.stats_interval,
+            })
+            .map_err(BuildError::Balloon)?;
+            let bar = bars.allocate_mmio32(BAR_SIZE)?;
+            let transport = Arc::new(Mutex::new(VirtioPciDevice::new(
+                "balloon".into(),
+                device,
+                bar,
+                msi_routing.clone(),
+                vm_fd.clone(),
+            )?));
+            mmio_bus.insert(transport.clone(), bar, BAR_SIZE)?;
+            pci.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .add_device(transport.clone())?;
+            Some(transport)
+        }
+        None => None,
+    };
+    let mut virtio: Vec<Arc<Mutex<dyn VirtioTransport>>> = virtio_mem
         .iter()
         .map(|d| d.clone() as Arc<Mutex<dyn VirtioTransport>>)
         .collect();
+    if let Some(balloon) = &balloon {
+        virtio.push(balloon.clone());
+    }
 
     let acpi_config = AcpiConfig {
         cpus: config.cpus,
@@ -222,6 +256,7 @@ pub fn build_vm(
         pci,
         virtio,
         virtio_mem,
+        balloon,
         hotplug_ranges,
         msi_routing,
         vm_fd,

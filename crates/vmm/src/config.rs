@@ -260,6 +260,65 @@ impl VirtioMemDeviceConfig {
     }
 }
 
+/// The balloon: `size=SIZE,deflate-on-oom=on|off,free-page-reporting=on|off,stats-interval=5s`
+/// (every key optional).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalloonDeviceConfig {
+    /// Initial target.
+    pub size: u64,
+    /// Let the guest take pages back under memory pressure.
+    pub deflate_on_oom: bool,
+    /// Discard memory the guest reports free.
+    pub free_page_reporting: bool,
+    /// How often to poll the guest's statistics (None: no stats queue).
+    pub stats_interval: Option<std::time::Duration>,
+}
+
+impl BalloonDeviceConfig {
+    /// Parses the `--balloon` value (empty means all defaults).
+    pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: String| ConfigError::InvalidOption {
+            option: "balloon",
+            value: value.to_string(),
+            reason,
+        };
+        let on_off = |key: &str, v: &str| match v {
+            "on" | "true" => Ok(true),
+            "off" | "false" => Ok(false),
+            _ => Err(invalid(format!("{key} must be on or off, not '{v}'"))),
+        };
+        let mut config = BalloonDeviceConfig {
+            size: 0,
+            deflate_on_oom: false,
+            free_page_reporting: false,
+            stats_interval: Some(std::time::Duration::from_secs(5)),
+        };
+        for item in value.split(',').filter(|i| !i.is_empty()) {
+            let (key, v) = item
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("'{item}' is not key=value")))?;
+            match key {
+                "size" => config.size = parse_size(v)?,
+                "deflate-on-oom" => config.deflate_on_oom = on_off(key, v)?,
+                "free-page-reporting" => config.free_page_reporting = on_off(key, v)?,
+                "stats-interval" => {
+                    let seconds: u64 = v
+                        .trim_end_matches('s')
+                        .parse()
+                        .map_err(|_| invalid(format!("stats-interval '{v}' is not like 5s")))?;
+                    config.stats_interval =
+                        (seconds > 0).then(|| std::time::Duration::from_secs(seconds));
+                }
+                _ => return Err(invalid(format!("unknown key '{key}'"))),
+            }
+        }
+        if !config.size.is_multiple_of(4096) {
+            return Err(invalid("size must be a multiple of 4K".into()));
+        }
+        Ok(config)
+    }
+}
+
 /// One NUMA node: `node=ID,cpus=LIST,memory=SIZE` (cpus as `0`, `0-3` or `0:2:5`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NumaNodeConfig {
@@ -346,6 +405,8 @@ pub struct VmConfig {
     pub violation_policy: ViolationPolicy,
     /// NUMA nodes (empty: one node, no SRAT).
     pub numa: Vec<NumaNodeConfig>,
+    /// The balloon, if any.
+    pub balloon: Option<BalloonDeviceConfig>,
 }
 
 /// What happens when the guest touches hotplug memory that is not plugged.
@@ -387,6 +448,15 @@ impl VmConfig {
             }
         }
         self.validate_numa()?;
+        if let Some(balloon) = &self.balloon {
+            if balloon.size > size {
+                return Err(ConfigError::InvalidOption {
+                    option: "balloon",
+                    value: format_size(balloon.size),
+                    reason: format!("larger than the boot memory {shown}"),
+                });
+            }
+        }
         let total_hotplug: u64 = self.virtio_mem.iter().map(|d| d.size).sum();
         if total_hotplug > crate::arch::x86_64::layout::HOTPLUG_AREA_SIZE {
             return Err(ConfigError::InvalidMemory {
@@ -596,6 +666,7 @@ mod tests {
             virtio_mem: Vec::new(),
             violation_policy: ViolationPolicy::Report,
             numa: Vec::new(),
+            balloon: None,
         };
         assert!(config.validate(Some(4 << 30)).is_ok());
         let err = config.validate(Some(512 << 20)).unwrap_err().to_string();

@@ -9,8 +9,8 @@ use std::os::fd::AsRawFd;
 
 use kvm_ioctls::Kvm;
 use tidevm_api::{
-    ApiError, ApiRequest, ApiResponse, HostRss, MemoryInfo, MemoryViolation, RequestHandler,
-    VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
+    ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats, HostRss, MemoryInfo,
+    MemoryViolation, RequestHandler, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,6 +18,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{build_vm, BuildError, RunningVm};
 use crate::config::{ViolationPolicy, VmConfig};
 use crate::console::{Console, ConsoleError};
+use crate::devices::virtio::balloon::device::STATS_QUEUE;
+use crate::devices::virtio::balloon::BalloonDevice;
+use crate::devices::virtio::transport_pci::VirtioPciDevice;
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus};
 use crate::vstate::vm::{open_kvm, VmError};
 use crate::vstate::{ExitRequester, VmExitReason};
@@ -124,6 +127,8 @@ pub struct Vmm {
     violations: Vec<MemoryViolation>,
     /// All such accesses since start.
     violation_count: u64,
+    /// When the balloon's statistics are due next.
+    next_stats: Option<std::time::Instant>,
 }
 
 /// How many memory violations the API keeps.
@@ -151,6 +156,7 @@ impl Vmm {
             queue_tokens: Vec::new(),
             violations: Vec::new(),
             violation_count: 0,
+            next_stats: None,
         })
     }
 
@@ -216,7 +222,8 @@ impl Vmm {
         self.boot()?;
         let mut ready = vec![EpollEvent::default(); 32];
         loop {
-            let count = match self.epoll.wait(-1, &mut ready) {
+            let timeout_ms = self.poll_balloon_stats();
+            let count = match self.epoll.wait(timeout_ms, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(VmmError::Epoll(e)),
@@ -234,6 +241,33 @@ impl Vmm {
                 }
             }
         }
+    }
+
+    /// Asks the guest for fresh balloon statistics when the interval has passed; returns how
+    /// long the control loop may sleep (-1: no timer).
+    fn poll_balloon_stats(&mut self) -> i32 {
+        let Some(vm) = self.vm.as_mut() else {
+            return -1;
+        };
+        let Some(balloon) = &vm.balloon else {
+            return -1;
+        };
+        let mut transport = balloon.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(interval) = transport.device().stats_interval() else {
+            return -1;
+        };
+        let now = std::time::Instant::now();
+        let due = *self.next_stats.get_or_insert(now + interval);
+        if now >= due {
+            let guest_memory = vm.memory.guest_memory().clone();
+            let signal = transport
+                .device_mut()
+                .request_stats(&guest_memory, &vm.memory);
+            transport.raise(signal, STATS_QUEUE);
+            self.next_stats = Some(now + interval);
+            return interval.as_millis().min(i32::MAX as u128) as i32;
+        }
+        (due - now).as_millis().min(i32::MAX as u128) as i32 + 1
     }
 
     fn process_queue_notification(&mut self, token: u64) {
@@ -306,6 +340,12 @@ impl Vmm {
                 self.boot()?;
                 let _ = reply.send(Ok(ApiResponse::Empty));
             }
+            ApiRequest::BalloonStatus => {
+                let _ = reply.send(self.balloon_info().map(ApiResponse::Balloon));
+            }
+            ApiRequest::SetBalloon { target_size } => {
+                let _ = reply.send(self.set_balloon(target_size));
+            }
             ApiRequest::ResizeVirtioMem { id, requested_size } => {
                 let _ = reply.send(self.resize_virtio_mem(&id, requested_size));
             }
@@ -337,6 +377,98 @@ impl Vmm {
             vcpu: u32::from(vcpu),
             device,
         });
+    }
+
+    fn balloon_handle(&self) -> Result<&Arc<Mutex<VirtioPciDevice<BalloonDevice>>>, ApiError> {
+        self.vm
+            .as_ref()
+            .and_then(|vm| vm.balloon.as_ref())
+            .ok_or_else(|| ApiError::not_found("this VM has no balloon (start it with --balloon)"))
+    }
+
+    /// Sets the balloon's target and tells the guest.
+    fn set_balloon(&mut self, bytes: u64) -> Result<ApiResponse, ApiError> {
+        if bytes > self.config.memory.size {
+            return Err(ApiError::bad_request(format!(
+                "balloon target {bytes} bytes is more than the boot memory ({} bytes)",
+                self.config.memory.size
+            )));
+        }
+        let mut transport = self
+            .balloon_handle()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let signal = transport
+            .device_mut()
+            .set_target(bytes)
+            .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        transport.raise(signal, 0);
+        drop(transport);
+        if let Some(balloon) = self.config.balloon.as_mut() {
+            balloon.size = bytes;
+        }
+        tracing::info!("balloon target now {bytes} bytes");
+        Ok(ApiResponse::Empty)
+    }
+
+    fn balloon_info(&self) -> Result<BalloonInfo, ApiError> {
+        let vm = self
+            .vm
+            .as_ref()
+            .ok_or_else(|| ApiError::conflict("the VM is not running"))?;
+        let status = self
+            .balloon_handle()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device()
+            .status();
+        let split = vm.memory.resident();
+        let plugged: u64 = vm
+            .virtio_mem
+            .iter()
+            .map(|d| {
+                d.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .device()
+                    .status()
+                    .plugged_size
+            })
+            .sum();
+        let mut warnings = Vec::new();
+        if let Some(warning) = self
+            .balloon_handle()?
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device()
+            .audit(split.guest, self.config.memory.size + plugged)
+        {
+            warnings.push(warning);
+        }
+        if let Some(stats) = &status.stats {
+            if stats.stale {
+                warnings.push("the guest's statistics are stale: it stopped answering".into());
+            }
+            warnings.extend(stats.inconsistencies.iter().cloned());
+        }
+        Ok(BalloonInfo {
+            target_bytes: status.target_bytes,
+            actual_bytes: status.actual_bytes,
+            inflated_bytes: status.inflated_bytes,
+            discarded_bytes: status.discarded_bytes,
+            reported_free_bytes: status.reported_free_bytes,
+            bad_pfns: status.bad_pfns,
+            discard_syscalls: status.discard_syscalls,
+            stats: status.stats.map(|s| BalloonStats {
+                age_seconds: s.age.as_secs(),
+                values: s.values,
+            }),
+            warnings,
+            host_rss: HostRss {
+                total_bytes: split.total,
+                guest_memory_bytes: split.guest,
+                vmm_bytes: split.total.saturating_sub(split.guest),
+            },
+        })
     }
 
     /// Sets a virtio-mem device's requested size and tells the guest.

@@ -25,6 +25,19 @@ enum CtlCommand {
     Shutdown,
     /// Reset the VM and boot it again.
     Reboot,
+    /// Set the balloon's target (memory the guest gives back), e.g. 1G; 0 deflates it.
+    Balloon {
+        /// The target size.
+        size: String,
+        /// Wait until the guest's balloon reaches it (by the host's own count).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Print the balloon: target, the guest's claims and statistics, the host's measurements.
+    BalloonStats,
     /// Ask the guest to resize a virtio-mem device's plugged memory to SIZE (e.g. 4G, 0).
     ResizeMem {
         /// The device id (from --virtio-mem id=...).
@@ -50,6 +63,23 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
         }
         CtlCommand::Shutdown => client.shutdown()?,
         CtlCommand::Reboot => client.reboot()?,
+        CtlCommand::Balloon {
+            size,
+            wait,
+            timeout,
+        } => {
+            let bytes = tidevm_api::parse_byte_size(&size).ok_or_else(|| {
+                anyhow::anyhow!("invalid size '{size}': expected e.g. 512M, 1G or 0")
+            })?;
+            client.set_balloon(bytes)?;
+            if wait {
+                return wait_for_balloon(&client, bytes, Duration::from_secs(timeout));
+            }
+        }
+        CtlCommand::BalloonStats => {
+            let info = client.balloon()?;
+            println!("{}", serde_json::to_string_pretty(&info)?);
+        }
         CtlCommand::ResizeMem {
             id,
             size,
@@ -66,6 +96,44 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// Polls the balloon until the host's count of inflated memory reaches `target`.
+fn wait_for_balloon(client: &ApiClient, target: u64, timeout: Duration) -> anyhow::Result<u8> {
+    let started = Instant::now();
+    let mut last = None;
+    loop {
+        let info = client.balloon()?;
+        if last != Some(info.inflated_bytes) {
+            eprintln!(
+                "balloon: {} MiB inflated (guest claims {} MiB) of {} MiB target ({:.1} s)",
+                info.inflated_bytes >> 20,
+                info.actual_bytes >> 20,
+                target >> 20,
+                started.elapsed().as_secs_f64()
+            );
+            last = Some(info.inflated_bytes);
+        }
+        if info.inflated_bytes == target {
+            println!(
+                "balloon: {} MiB after {:.2} s",
+                target >> 20,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(0);
+        }
+        if started.elapsed() >= timeout {
+            eprintln!(
+                "tidevm: error: the balloon reached {} MiB of {} MiB in {} s (the guest may \
+                 lack free memory to give, or deflated on OOM)",
+                info.inflated_bytes >> 20,
+                target >> 20,
+                timeout.as_secs()
+            );
+            return Ok(2);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// Polls the device until its plugged size reaches `target`, printing progress; returns 0

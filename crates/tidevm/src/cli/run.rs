@@ -6,7 +6,8 @@ use anyhow::Context;
 use clap::Args;
 use tidevm_api::ApiServer;
 use tidevm_vmm::config::{
-    MemoryConfig, NumaNodeConfig, SerialConfig, ViolationPolicy, VirtioMemDeviceConfig,
+    BalloonDeviceConfig, MemoryConfig, NumaNodeConfig, SerialConfig, ViolationPolicy,
+    VirtioMemDeviceConfig,
 };
 use tidevm_vmm::memory::host_memory_bytes;
 use tidevm_vmm::{VmConfig, Vmm};
@@ -39,6 +40,10 @@ pub struct RunArgs {
     /// [,requested=SIZE][,backing=anon|memfd|hugetlbfs][,prealloc=on|off].
     #[arg(long = "virtio-mem")]
     virtio_mem: Vec<String>,
+    /// A virtio-balloon: [size=SIZE][,deflate-on-oom=on][,free-page-reporting=on]
+    /// [,stats-interval=5s] (give an empty value for the defaults: `--balloon ""`).
+    #[arg(long)]
+    balloon: Option<String>,
     /// A NUMA node (repeatable): node=ID,cpus=LIST,memory=SIZE; the nodes' memory must add
     /// up to --memory.
     #[arg(long)]
@@ -62,6 +67,11 @@ impl RunArgs {
                 .iter()
                 .map(|v| VirtioMemDeviceConfig::parse(v))
                 .collect::<Result<_, _>>()?,
+            balloon: self
+                .balloon
+                .as_deref()
+                .map(BalloonDeviceConfig::parse)
+                .transpose()?,
             numa: self
                 .numa
                 .iter()

@@ -3,6 +3,7 @@
 //!
 //! `cargo test --release -p tidevm --test real_guest [-- FILTER]`
 
+mod balloon;
 mod foundation;
 mod virtio_mem;
 
@@ -27,6 +28,7 @@ fn main() {
     let scenarios: Vec<(&str, Scenario)> = foundation::SCENARIOS
         .iter()
         .chain(virtio_mem::SCENARIOS)
+        .chain(balloon::SCENARIOS)
         .copied()
         .collect();
     let selected: Vec<_> = scenarios
