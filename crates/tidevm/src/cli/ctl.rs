@@ -89,9 +89,16 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
             let bytes = tidevm_api::parse_byte_size(&size).ok_or_else(|| {
                 anyhow::anyhow!("invalid size '{size}': expected e.g. 512M, 4G or 0")
             })?;
+            let started = Instant::now();
             client.resize_virtio_mem(&id, bytes)?;
             if wait {
-                return wait_for_plugged(&client, &id, bytes, Duration::from_secs(timeout));
+                return wait_for_plugged(
+                    &client,
+                    &id,
+                    bytes,
+                    started,
+                    Duration::from_secs(timeout),
+                );
             }
         }
     }
@@ -142,9 +149,9 @@ fn wait_for_plugged(
     client: &ApiClient,
     id: &str,
     target: u64,
+    started: Instant,
     timeout: Duration,
 ) -> anyhow::Result<u8> {
-    let started = Instant::now();
     let mut last_plugged = None;
     loop {
         let info = client.vm_info()?;
