@@ -57,11 +57,12 @@ fn run() -> Result<(), LaneError> {
     step("starting the test lane");
     let lane = Lane::start(&tidevm)?;
 
-    step("booting a guest: 2 vCPUs, 1 GiB");
+    step("booting a guest: 2 vCPUs, 1 GiB, and a virtio-mem device of up to 4 GiB");
     let started = Instant::now();
     let guest = lane.boot_guest(&GuestOptions {
         cpus: 2,
         memory: "1G".into(),
+        extra_args: vec!["--virtio-mem".into(), "id=mem0,size=4G".into()],
         ..GuestOptions::default()
     })?;
     stream_boot(&guest, lane.scaled(Duration::from_secs(20)))?;
@@ -81,13 +82,29 @@ fn run() -> Result<(), LaneError> {
         return Err(guest.failure(format!("tidevm ctl info exited with {status}")));
     }
 
-    // ------------------------------------------------------------------
-    // MEMORY RESIZE STEPS GO HERE (virtio-mem arrives later):
-    //   1. `tidevm ctl resize ...` to grow the guest by e.g. +2 GiB,
-    //   2. wait until MemTotal in the guest shows it,
-    //   3. show the VMM's RSS (guest.vmm_rss_kib()) before and after,
-    //   4. shrink back and show MemTotal and RSS again.
-    // ------------------------------------------------------------------
+    for size in ["2G", "0"] {
+        step(&format!("tidevm ctl resize-mem mem0 {size} --wait"));
+        let (status, out) = lane.sh(
+            &format!(
+                "{} ctl --api-socket {} resize-mem mem0 {size} --wait --timeout 280 2>&1",
+                lane.lane_tidevm(),
+                guest.api_socket()
+            ),
+            lane.scaled(Duration::from_secs(30))
+                .max(Duration::from_secs(300)),
+        )?;
+        println!("{}", out.trim());
+        if status != 0 {
+            return Err(guest.failure(format!("resize-mem exited with {status}")));
+        }
+        // The guest onlines or offlines the memory a moment after the device answers.
+        std::thread::sleep(Duration::from_secs(2));
+        println!(
+            "{}",
+            guest.run("grep MemTotal /proc/meminfo", command_timeout)?
+        );
+        println!("tidevm RSS: {} KiB", guest.vmm_rss_kib()?);
+    }
 
     step("powering off");
     let code = guest.poweroff(lane.scaled(Duration::from_secs(10)))?;
