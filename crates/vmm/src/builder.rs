@@ -27,6 +27,7 @@ use crate::devices::virtio::mem::{VirtioMem, VirtioMemConfig, VirtioMemError};
 use crate::devices::virtio::transport_pci::{
     VirtioPciDevice, VirtioPciError, VirtioTransport, BAR_SIZE,
 };
+use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
 use crate::memory::Backing;
 use crate::memory::MemoryManager;
@@ -158,15 +159,19 @@ pub fn build_vm(
     )?;
 
     let msi_routing = Arc::new(MsiRouting::new(vm_fd.clone()));
+    let mut attacher = VirtioPciAttacher {
+        vm_fd: &vm_fd,
+        bars: &mut bars,
+        msi_routing: &msi_routing,
+        mmio_bus: &mmio_bus,
+        pci: &pci,
+    };
     let virtio_mem = attach_virtio_mem(
         &config.virtio_mem,
         &layout,
         &vm_fd,
         &mut memory,
-        &mut bars,
-        &msi_routing,
-        &mmio_bus,
-        &pci,
+        &mut attacher,
     )?;
     let hotplug_ranges = Arc::new(
         virtio_mem
@@ -189,19 +194,7 @@ pub fn build_vm(
                 stats_interval: balloon_config.stats_interval,
             })
             .map_err(BuildError::Balloon)?;
-            let bar = bars.allocate_mmio32(BAR_SIZE)?;
-            let transport = Arc::new(Mutex::new(VirtioPciDevice::new(
-                "balloon".into(),
-                device,
-                bar,
-                msi_routing.clone(),
-                vm_fd.clone(),
-            )?));
-            mmio_bus.insert(transport.clone(), bar, BAR_SIZE)?;
-            pci.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .add_device(transport.clone())?;
-            Some(transport)
+            Some(attacher.attach("balloon".into(), device)?)
         }
         None => None,
     };
@@ -313,16 +306,45 @@ pub fn virtio_mem_regions(
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What putting a virtio device on PCI takes: BAR space, MSI routes, the MMIO bus, bus 0.
+struct VirtioPciAttacher<'a> {
+    vm_fd: &'a Arc<VmFd>,
+    bars: &'a mut BarAllocator,
+    msi_routing: &'a Arc<MsiRouting>,
+    mmio_bus: &'a Bus,
+    pci: &'a Arc<Mutex<PciRoot>>,
+}
+
+impl VirtioPciAttacher<'_> {
+    /// Wraps `device` in a virtio-pci transport with its own BAR and puts it on bus 0.
+    fn attach<D: VirtioDevice + 'static>(
+        &mut self,
+        id: String,
+        device: D,
+    ) -> Result<Arc<Mutex<VirtioPciDevice<D>>>, BuildError> {
+        let bar = self.bars.allocate_mmio32(BAR_SIZE)?;
+        let transport = Arc::new(Mutex::new(VirtioPciDevice::new(
+            id,
+            device,
+            bar,
+            self.msi_routing.clone(),
+            self.vm_fd.clone(),
+        )?));
+        self.mmio_bus.insert(transport.clone(), bar, BAR_SIZE)?;
+        self.pci
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add_device(transport.clone())?;
+        Ok(transport)
+    }
+}
+
 fn attach_virtio_mem(
     devices: &[VirtioMemDeviceConfig],
     layout: &GuestLayout,
     vm_fd: &Arc<VmFd>,
     memory: &mut MemoryManager,
-    bars: &mut BarAllocator,
-    msi_routing: &Arc<MsiRouting>,
-    mmio_bus: &Bus,
-    pci: &Arc<Mutex<PciRoot>>,
+    attacher: &mut VirtioPciAttacher,
 ) -> Result<Vec<Arc<Mutex<VirtioPciDevice<VirtioMem>>>>, BuildError> {
     let mut attached = Vec::new();
     for (config, region) in devices.iter().zip(virtio_mem_regions(devices, layout)) {
@@ -352,19 +374,7 @@ fn attach_virtio_mem(
         })
         .map_err(mem_error)?;
         device.check_region(memory).map_err(mem_error)?;
-        let bar = bars.allocate_mmio32(BAR_SIZE)?;
-        let transport = Arc::new(Mutex::new(VirtioPciDevice::new(
-            config.id.clone(),
-            device,
-            bar,
-            msi_routing.clone(),
-            vm_fd.clone(),
-        )?));
-        mmio_bus.insert(transport.clone(), bar, BAR_SIZE)?;
-        pci.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .add_device(transport.clone())?;
-        attached.push(transport);
+        attached.push(attacher.attach(config.id.clone(), device)?);
     }
     Ok(attached)
 }

@@ -81,12 +81,14 @@ impl Console {
                 let _ = std::fs::remove_file(path);
                 let listener =
                     UnixListener::bind(path).map_err(open_err(path.display().to_string()))?;
-                spawn_unix_acceptor(listener, device.clone(), client);
+                let incoming = std::iter::from_fn(move || Some(listener.accept().map(|(s, _)| s)));
+                spawn_acceptor(incoming, device.clone(), client);
             }
             SerialConfig::Tcp(addr) => {
                 let listener =
                     std::net::TcpListener::bind(addr).map_err(open_err(addr.to_string()))?;
-                spawn_tcp_acceptor(listener, device.clone(), client);
+                let incoming = std::iter::from_fn(move || Some(listener.accept().map(|(s, _)| s)));
+                spawn_acceptor(incoming, device.clone(), client);
             }
             SerialConfig::File(_) | SerialConfig::Off => {}
         }
@@ -137,33 +139,36 @@ fn spawn_input(device: Arc<Mutex<SerialDevice>>, mut input: impl Read + Send + '
         });
 }
 
-fn spawn_unix_acceptor(
-    listener: UnixListener,
-    device: Arc<Mutex<SerialDevice>>,
-    client: ConnectedClient,
-) {
-    let _ = std::thread::Builder::new()
-        .name("console-accept".into())
-        .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Ok(writer) = stream.try_clone() {
-                    *client.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(writer));
-                    spawn_input(device.clone(), stream);
-                }
-            }
-        });
+/// A console client connection: readable for input, clonable for output.
+trait ConsoleStream: Read + Write + Send + 'static {
+    fn try_clone_stream(&self) -> io::Result<Self>
+    where
+        Self: Sized;
 }
 
-fn spawn_tcp_acceptor(
-    listener: std::net::TcpListener,
+impl ConsoleStream for std::os::unix::net::UnixStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+impl ConsoleStream for std::net::TcpStream {
+    fn try_clone_stream(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+}
+
+/// Hands the console to each client that connects (the newest one gets the output).
+fn spawn_acceptor<S: ConsoleStream>(
+    incoming: impl Iterator<Item = io::Result<S>> + Send + 'static,
     device: Arc<Mutex<SerialDevice>>,
     client: ConnectedClient,
 ) {
     let _ = std::thread::Builder::new()
         .name("console-accept".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Ok(writer) = stream.try_clone() {
+            for stream in incoming.flatten() {
+                if let Ok(writer) = stream.try_clone_stream() {
                     *client.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(writer));
                     spawn_input(device.clone(), stream);
                 }
