@@ -11,6 +11,9 @@ use super::bitmap::BlockBitmap;
 use std::sync::Arc;
 
 use super::discard::HostMapping;
+
+/// Granularity of the KVM slots over a hotplug region: Linux's memory block on x86-64.
+const SLOT_CHUNK: u64 = 128 << 20;
 use super::{MemoryError, MemoryManager, MemorySlot};
 use crate::arch::x86_64::layout::GuestRange;
 use kvm_ioctls::VmFd;
@@ -228,9 +231,8 @@ impl MemoryManager {
     ///
     /// Unplugged blocks are kept out of the guest by having no memory slot, not by host page
     /// protection: any guest access to them exits to the VMM as MMIO (on shadow-paging and
-    /// TDP hosts alike), where it is reported, and the host mapping stays simple. Plugged
-    /// blocks are covered by one slot per maximal run, so a 4 GiB plug of contiguous blocks
-    /// is one slot, not one per block.
+    /// TDP hosts alike), where it is reported, and the host mapping stays simple. Slots cover
+    /// 128 MiB chunks (see `sync_slots`): a 4 GiB plug is 32 slots, not 2048 (one per block).
     pub fn add_hotplug_region(
         &mut self,
         vm: &Arc<VmFd>,
@@ -244,8 +246,15 @@ impl MemoryManager {
         Ok(id)
     }
 
-    /// Makes KVM's slots over region `id` cover exactly its plugged runs: slots for runs that
-    /// no longer exist go, slots for new runs come.
+    /// Makes KVM's slots over region `id` follow its plug state, one slot per 128 MiB chunk
+    /// (a Linux memory block) that holds any plugged block.
+    ///
+    /// Why chunks and not exact runs: KVM cannot shrink or split a slot, only delete and
+    /// re-create it, and in between the guest would lose memory it is using (its memmap lives
+    /// in hotplugged memory). A chunk's slot is only ever created when its first block is
+    /// plugged and deleted when its last block is unplugged, so memory in use is never
+    /// unmapped. Unplugged blocks inside a partly plugged chunk stay mapped (discarded: they
+    /// read as zero); whole unplugged chunks are not mapped at all.
     fn sync_slots(&mut self, id: HotplugRegionId) -> Result<(), PlugError> {
         let Some(vm) = self.vm.clone() else {
             return Ok(());
@@ -253,13 +262,18 @@ impl MemoryManager {
         let region = self.region(id)?;
         let (range, block_size, host_base) =
             (region.range, region.block_size, region.mapping.host_addr());
-        let wanted: Vec<GuestRange> = region
-            .plugged
-            .runs(0, region.plugged.len(), true)
-            .into_iter()
-            .map(|(first, count)| GuestRange {
-                start: range.start + first * block_size,
-                size: count * block_size,
+        let chunk = SLOT_CHUNK.max(block_size).min(range.size);
+        let blocks_per_chunk = chunk / block_size;
+        let wanted: Vec<GuestRange> = (0..range.size / chunk)
+            .filter(|&c| {
+                region
+                    .plugged
+                    .count_range(c * blocks_per_chunk, blocks_per_chunk)
+                    > 0
+            })
+            .map(|c| GuestRange {
+                start: range.start + c * chunk,
+                size: chunk,
             })
             .collect();
         let slot_error = |source: MemoryError| PlugError::Slot(Box::new(source));
