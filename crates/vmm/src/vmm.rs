@@ -249,7 +249,7 @@ impl Vmm {
         let Some(vm) = self.vm.as_mut() else {
             return -1;
         };
-        let Some(balloon) = &vm.balloon else {
+        let Some(balloon) = vm.balloon.clone() else {
             return -1;
         };
         let mut transport = balloon.lock().unwrap_or_else(|e| e.into_inner());
@@ -260,6 +260,7 @@ impl Vmm {
         let due = *self.next_stats.get_or_insert(now + interval);
         if now >= due {
             let guest_memory = vm.memory.guest_memory().clone();
+            transport.activate_and_drain(&guest_memory, &mut vm.memory);
             let signal = transport
                 .device_mut()
                 .request_stats(&guest_memory, &vm.memory);

@@ -154,7 +154,7 @@ impl<D: VirtioDevice> VirtioTransport for VirtioPciDevice<D> {
         guest_memory: &GuestMemoryMmap,
         memory: &mut MemoryManager,
     ) {
-        self.activate_if_pending(guest_memory, memory);
+        self.activate_and_drain(guest_memory, memory);
         if self.activation != Activation::Active || index >= self.queues.len() {
             return;
         }
@@ -336,6 +336,29 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 Err(e) => self.fail(&e.to_string()),
             },
             Err(reason) => self.fail(&reason),
+        }
+    }
+
+    /// Activates the device once the driver set DRIVER_OK, then processes every queue once.
+    ///
+    /// Drivers may make buffers available and kick before DRIVER_OK (Linux's balloon posts
+    /// its first statistics buffer that way); those kicks found the device not yet active,
+    /// so the buffers are picked up here or they would wait forever.
+    pub fn activate_and_drain(
+        &mut self,
+        guest_memory: &GuestMemoryMmap,
+        memory: &mut MemoryManager,
+    ) {
+        if self.activation != Activation::Pending {
+            return;
+        }
+        self.activate_if_pending(guest_memory, memory);
+        if self.activation != Activation::Active {
+            return;
+        }
+        for index in 0..self.queues.len() {
+            let signal = self.device.process_queue(index, guest_memory, memory);
+            self.raise(signal, index);
         }
     }
 
