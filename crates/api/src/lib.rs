@@ -29,7 +29,8 @@ mod tests;
 pub use client::{ApiClient, ClientError, DEFAULT_TIMEOUT};
 pub use server::{ApiServer, ApiServerError, MAX_REQUEST_BODY_BYTES};
 pub use types::{
-    parse_byte_size, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats, ErrorBody,
+    parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
+    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, OstReport,
     GuestRange, HostRss, MemoryInfo, MemoryViolation, RequestHandler, ResizeVirtioMemBody,
     SetBalloonBody, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
 };

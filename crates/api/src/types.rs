@@ -34,6 +34,13 @@ pub enum ApiRequest {
         /// Requested plugged size in bytes.
         requested_size: u64,
     },
+    /// `PUT /vm/dimms`: hot-add a DIMM and notify the guest.
+    AddDimm(AddDimmBody),
+    /// `DELETE /vm/dimms/{id}`: ask the guest to eject a DIMM.
+    RemoveDimm {
+        /// Id of the DIMM.
+        id: String,
+    },
 }
 
 /// What a successful request returns.
@@ -45,6 +52,8 @@ pub enum ApiResponse {
     VmInfo(VmInfo),
     /// The balloon: HTTP 200 with a [`BalloonInfo`] body.
     Balloon(BalloonInfo),
+    /// A DIMM just added (HTTP 201) or asked to leave (HTTP 202), with a [`DimmInfo`] body.
+    Dimm(DimmInfo),
 }
 
 /// Body of `PUT /vm/balloon`.
@@ -218,6 +227,9 @@ pub struct VmInfo {
     /// How many such accesses there were in all since the VMM started.
     #[serde(default)]
     pub memory_violation_count: u64,
+    /// ACPI DIMM hotplug, when the VM has slots (`--memory ...,slots=N,maxmem=SIZE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dimms: Option<DimmsInfo>,
 }
 
 /// Body of `PUT /vm/virtio-mem/{id}`.
@@ -228,6 +240,106 @@ pub struct ResizeVirtioMemBody {
     /// of bytes or a string with a binary unit such as `"4G"` or `"512MiB"`.
     #[serde(deserialize_with = "deserialize_byte_size")]
     pub requested_size: u64,
+}
+
+/// How a DIMM's memory is backed on the host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DimmBacking {
+    /// Private anonymous memory.
+    #[default]
+    Anon,
+    /// A shared memfd.
+    Memfd,
+    /// 2 MiB pages from the host's hugetlbfs pool (always populated when added).
+    Hugetlbfs,
+}
+
+/// Body of `PUT /vm/dimms`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddDimmBody {
+    /// Size in bytes, a multiple of 128 MiB (integer, or a string like `"1G"`).
+    #[serde(deserialize_with = "deserialize_byte_size")]
+    pub size: u64,
+    /// Guest NUMA node (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u32>,
+    /// Host backing (default `anon`).
+    #[serde(default)]
+    pub backing: DimmBacking,
+    /// Fault the whole DIMM in on the host before the guest is told about it.
+    #[serde(default)]
+    pub prealloc: bool,
+    /// Id to give the DIMM (default: `dimm<slot>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// Where a DIMM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DimmState {
+    /// Added on the host; the guest has not yet acknowledged it.
+    Inserting,
+    /// The guest took it (or found it at boot).
+    Active,
+    /// The guest was asked to eject it and has not finished.
+    Removing,
+}
+
+/// What the guest last reported about a DIMM through ACPI `_OST`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OstReport {
+    /// Source event: 1 device check (insertion), 3 eject request, 0x103 OSPM eject.
+    pub event: u32,
+    /// Status code: 0 success, 0x80.. event-specific failures, 0x84 ejection in progress.
+    pub status: u32,
+    /// The status in words.
+    pub meaning: String,
+}
+
+/// One DIMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DimmInfo {
+    /// Id, as used in `DELETE /vm/dimms/{id}`.
+    pub id: String,
+    /// ACPI slot number (the guest sees device `MPxx` with this `_UID`).
+    pub slot: u32,
+    /// Guest-physical range.
+    pub range: GuestRange,
+    /// Guest NUMA node.
+    pub node: u32,
+    /// Host backing.
+    pub backing: DimmBacking,
+    /// Whether it was populated before the guest saw it.
+    pub prealloc: bool,
+    /// Life-cycle state.
+    pub state: DimmState,
+    /// Host memory resident in the DIMM's mapping, in bytes.
+    pub resident_bytes: u64,
+    /// The guest's last `_OST` report for this DIMM, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_ost: Option<OstReport>,
+    /// Why the last removal did not happen (the guest refused or failed to eject), until the
+    /// next request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removal_refused: Option<String>,
+}
+
+/// ACPI DIMM hotplug: the slots, the limit, and the DIMMs plugged now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DimmsInfo {
+    /// Number of DIMM slots.
+    pub slots: u32,
+    /// Boot memory plus every DIMM may not exceed this, in bytes.
+    pub maxmem_bytes: u64,
+    /// Bytes in DIMMs now.
+    pub plugged_bytes: u64,
+    /// Guest-physical range DIMMs are placed in.
+    pub area: GuestRange,
+    /// The DIMMs, by slot.
+    pub dimms: Vec<DimmInfo>,
 }
 
 /// Body of every error response: `{"error": "<message>"}`.
