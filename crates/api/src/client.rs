@@ -10,7 +10,7 @@ use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 
-use crate::types::{ErrorBody, ResizeVirtioMemBody, VmInfo};
+use crate::types::{AddDimmBody, DimmInfo, ErrorBody, ResizeVirtioMemBody, VmInfo};
 
 /// How long a request may take unless [`ApiClient::with_timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -143,15 +143,7 @@ impl ApiClient {
         id: &str,
         requested_size_bytes: u64,
     ) -> Result<(), ClientError> {
-        let id_is_path_safe = !id.is_empty()
-            && id
-                .bytes()
-                .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'));
-        if !id_is_path_safe {
-            return Err(ClientError::InvalidRequest {
-                detail: format!("invalid virtio-mem device id {id:?}"),
-            });
-        }
+        check_path_id(id, "virtio-mem device id")?;
         let body = ResizeVirtioMemBody {
             requested_size: requested_size_bytes,
         };
@@ -160,6 +152,24 @@ impl ApiClient {
         })?;
         self.call_expecting_success("PUT", &format!("/vm/virtio-mem/{id}"), Some(json))
             .map(drop)
+    }
+
+    /// `PUT /vm/dimms`: hot-add a DIMM and notify the guest. Returns the new DIMM (HTTP 201),
+    /// still `inserting` until the guest takes it.
+    pub fn add_dimm(&self, body: &AddDimmBody) -> Result<DimmInfo, ClientError> {
+        let json = serde_json::to_vec(body).map_err(|error| ClientError::InvalidRequest {
+            detail: error.to_string(),
+        })?;
+        let body = self.call_expecting_success("PUT", "/vm/dimms", Some(json))?;
+        serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
+    }
+
+    /// `DELETE /vm/dimms/{id}`: ask the guest to eject a DIMM. Returns the DIMM (HTTP 202),
+    /// `removing` until the guest has ejected it (it then leaves `dimms` in `/vm/info`).
+    pub fn remove_dimm(&self, id: &str) -> Result<DimmInfo, ClientError> {
+        check_path_id(id, "DIMM id")?;
+        let body = self.call_expecting_success("DELETE", &format!("/vm/dimms/{id}"), None)?;
+        serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
     }
 
     /// Send any request with an optional JSON body; returns the HTTP status
@@ -267,6 +277,21 @@ impl ApiClient {
             path: self.socket_path.clone(),
             detail,
         }
+    }
+}
+
+/// An id that goes into a path must be one non-empty segment of safe characters.
+fn check_path_id(id: &str, what: &str) -> Result<(), ClientError> {
+    let id_is_path_safe = !id.is_empty()
+        && id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'));
+    if id_is_path_safe {
+        Ok(())
+    } else {
+        Err(ClientError::InvalidRequest {
+            detail: format!("invalid {what} {id:?}"),
+        })
     }
 }
 

@@ -14,6 +14,8 @@
 //! | PUT    | `/vm/shutdown`        | none                          | 204               |
 //! | PUT    | `/vm/reboot`          | none                          | 204               |
 //! | PUT    | `/vm/virtio-mem/{id}` | `{"requested_size": <bytes>}` | 204               |
+//! | PUT    | `/vm/dimms`           | [`AddDimmBody`]               | 201 [`DimmInfo`]  |
+//! | DELETE | `/vm/dimms/{id}`      | none                          | 202 [`DimmInfo`]  |
 //!
 //! Errors are `{"error": "<message>"}` with a 4xx or 5xx status.
 
@@ -30,7 +32,7 @@ pub use client::{ApiClient, ClientError, DEFAULT_TIMEOUT};
 pub use server::{ApiServer, ApiServerError, MAX_REQUEST_BODY_BYTES};
 pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
-    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, OstReport,
-    GuestRange, HostRss, MemoryInfo, MemoryViolation, RequestHandler, ResizeVirtioMemBody,
-    SetBalloonBody, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
+    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, GuestRange, HostRss, MemoryInfo,
+    MemoryViolation, OstReport, RequestHandler, ResizeVirtioMemBody, SetBalloonBody,
+    VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
 };

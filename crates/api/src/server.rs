@@ -27,7 +27,7 @@ use serde::Deserialize;
 use tokio::sync::Notify;
 
 use crate::types::{
-    ApiError, ApiRequest, ApiResponse, ErrorBody, RequestHandler, ResizeVirtioMemBody,
+    AddDimmBody, ApiError, ApiRequest, ApiResponse, ErrorBody, RequestHandler, ResizeVirtioMemBody,
     SetBalloonBody,
 };
 
@@ -45,7 +45,7 @@ const MAX_CONNECTIONS: usize = 64;
 /// loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Longest virtio-mem device id accepted in a path.
+/// Longest virtio-mem device or DIMM id accepted.
 const MAX_DEVICE_ID_LEN: usize = 64;
 
 /// Every route of the API as (method, path template). The OpenAPI document
@@ -57,7 +57,12 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/virtio-mem/{id}"),
     ("GET", "/vm/balloon"),
     ("PUT", "/vm/balloon"),
+    ("PUT", "/vm/dimms"),
+    ("DELETE", "/vm/dimms/{id}"),
 ];
+
+/// What `PUT /vm/dimms` takes, for error messages.
+const ADD_DIMM_BODY: &str = r#"{"size": <bytes>, "node": N, "backing": "anon|memfd|hugetlbfs", "prealloc": bool, "id": "name"}"#;
 
 /// Errors of binding and running the API server.
 #[derive(Debug, thiserror::Error)]
@@ -402,13 +407,14 @@ async fn serve_request(
         Ok(body) => body,
         Err(error) => return error_response(&error),
     };
+    let json_status = endpoint.json_status();
     let api_request = match endpoint.parse_body(&body) {
         Ok(api_request) => api_request,
         Err(error) => return error_response(&error),
     };
     let outcome = tokio::task::spawn_blocking(move || handler.handle(api_request)).await;
     match outcome {
-        Ok(Ok(response)) => success_response(response),
+        Ok(Ok(response)) => success_response(response, json_status),
         Ok(Err(error)) => error_response(&error),
         Err(_) => error_response(&ApiError::internal("the VMM failed to handle the request")),
     }
@@ -472,6 +478,8 @@ enum Endpoint {
     VirtioMem { id: String },
     BalloonStatus,
     BalloonTarget,
+    AddDimm,
+    RemoveDimm { id: String },
 }
 
 impl Endpoint {
@@ -484,10 +492,13 @@ impl Endpoint {
             "/vm/balloon" => Some(Endpoint::BalloonTarget),
             "/vm/shutdown" => Some(Endpoint::Shutdown),
             "/vm/reboot" => Some(Endpoint::Reboot),
+            "/vm/dimms" => Some(Endpoint::AddDimm),
             _ => {
+                if let Some(id) = path.strip_prefix("/vm/dimms/") {
+                    return path_id(id).map(|id| Endpoint::RemoveDimm { id });
+                }
                 let id = path.strip_prefix("/vm/virtio-mem/")?;
-                (!id.is_empty() && !id.contains('/'))
-                    .then(|| Endpoint::VirtioMem { id: id.to_owned() })
+                path_id(id).map(|id| Endpoint::VirtioMem { id })
             }
         }
     }
@@ -498,7 +509,25 @@ impl Endpoint {
             Endpoint::Shutdown
             | Endpoint::Reboot
             | Endpoint::VirtioMem { .. }
-            | Endpoint::BalloonTarget => "PUT",
+            | Endpoint::BalloonTarget
+            | Endpoint::AddDimm => "PUT",
+            Endpoint::RemoveDimm { .. } => "DELETE",
+        }
+    }
+
+    /// The status of a successful answer that carries a JSON body (an empty answer is
+    /// always 204): a DIMM added is 201 Created, a DIMM asked to leave is 202 Accepted
+    /// (the guest has yet to eject it).
+    fn json_status(&self) -> StatusCode {
+        match self {
+            Endpoint::AddDimm => StatusCode::CREATED,
+            Endpoint::RemoveDimm { .. } => StatusCode::ACCEPTED,
+            Endpoint::VmInfo
+            | Endpoint::Shutdown
+            | Endpoint::Reboot
+            | Endpoint::VirtioMem { .. }
+            | Endpoint::BalloonStatus
+            | Endpoint::BalloonTarget => StatusCode::OK,
         }
     }
 
@@ -524,8 +553,33 @@ impl Endpoint {
                     target_size: parsed.target_size,
                 })
             }
+            Endpoint::AddDimm => {
+                if is_blank(body) {
+                    return Err(ApiError::bad_request(format!(
+                        "missing request body: expected {ADD_DIMM_BODY}"
+                    )));
+                }
+                let json: serde_json::Value = parse_json(body)?;
+                if !json.is_object() {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid request body: expected {ADD_DIMM_BODY}"
+                    )));
+                }
+                let parsed: AddDimmBody = serde_json::from_value(json).map_err(|error| {
+                    ApiError::bad_request(format!("invalid request body: {error}"))
+                })?;
+                if let Some(id) = &parsed.id {
+                    validate_id(id, "DIMM id")?;
+                }
+                Ok(ApiRequest::AddDimm(parsed))
+            }
+            Endpoint::RemoveDimm { id } => {
+                validate_id(&id, "DIMM id")?;
+                expect_no_parameters(body)?;
+                Ok(ApiRequest::RemoveDimm { id })
+            }
             Endpoint::VirtioMem { id } => {
-                validate_device_id(&id)?;
+                validate_id(&id, "virtio-mem device id")?;
                 if is_blank(body) {
                     return Err(ApiError::bad_request(
                         r#"missing request body: expected {"requested_size": <bytes>}"#,
@@ -574,15 +628,22 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
         .map_err(|error| ApiError::bad_request(format!("invalid request body: {error}")))
 }
 
-fn validate_device_id(id: &str) -> Result<(), ApiError> {
+/// The id in the last segment of a path, if it is one segment and not empty (else the
+/// route does not exist: 404).
+fn path_id(segment: &str) -> Option<String> {
+    (!segment.is_empty() && !segment.contains('/')).then(|| segment.to_owned())
+}
+
+/// Checks a device id (`what` names its kind in the message, e.g. "DIMM id").
+fn validate_id(id: &str, what: &str) -> Result<(), ApiError> {
     let valid_chars = id
         .bytes()
         .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'_' | b'-' | b'.'));
-    if valid_chars && id.len() <= MAX_DEVICE_ID_LEN {
+    if valid_chars && !id.is_empty() && id.len() <= MAX_DEVICE_ID_LEN {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "invalid virtio-mem device id {:?}: use up to {MAX_DEVICE_ID_LEN} of A-Z a-z 0-9 _ - .",
+            "invalid {what} {:?}: use 1 to {MAX_DEVICE_ID_LEN} of A-Z a-z 0-9 _ - .",
             abbreviate(id)
         )))
     }
@@ -597,17 +658,21 @@ fn abbreviate(text: &str) -> &str {
     }
 }
 
-fn success_response(response: ApiResponse) -> Response<Full<Bytes>> {
-    match response {
-        ApiResponse::Empty => build_response(StatusCode::NO_CONTENT, None),
-        ApiResponse::VmInfo(info) => json_response(serde_json::to_vec(&info)),
-        ApiResponse::Balloon(info) => json_response(serde_json::to_vec(&info)),
-    }
+/// The answer to a request the handler carried out; a JSON body goes with `json_status`
+/// (from [`Endpoint::json_status`]).
+fn success_response(response: ApiResponse, json_status: StatusCode) -> Response<Full<Bytes>> {
+    let json = match response {
+        ApiResponse::Empty => return build_response(StatusCode::NO_CONTENT, None),
+        ApiResponse::VmInfo(info) => serde_json::to_vec(&info),
+        ApiResponse::Balloon(info) => serde_json::to_vec(&info),
+        ApiResponse::Dimm(info) => serde_json::to_vec(&info),
+    };
+    json_response(json_status, json)
 }
 
-fn json_response(json: serde_json::Result<Vec<u8>>) -> Response<Full<Bytes>> {
+fn json_response(status: StatusCode, json: serde_json::Result<Vec<u8>>) -> Response<Full<Bytes>> {
     match json {
-        Ok(json) => build_response(StatusCode::OK, Some(json)),
+        Ok(json) => build_response(status, Some(json)),
         Err(error) => error_response(&ApiError::internal(format!(
             "cannot serialize the response: {error}"
         ))),
@@ -715,6 +780,147 @@ mod tests {
             status(Method::PUT, &long_id, br#"{"requested_size":1}"#),
             400
         );
+    }
+
+    #[test]
+    fn parses_dimm_requests() {
+        use crate::types::DimmBacking;
+        assert_eq!(
+            parse_request(&Method::PUT, "/vm/dimms", br#"{"size": 1073741824}"#),
+            Ok(ApiRequest::AddDimm(AddDimmBody {
+                size: 1 << 30,
+                node: None,
+                backing: DimmBacking::Anon,
+                prealloc: false,
+                id: None,
+            }))
+        );
+        assert_eq!(
+            parse_request(
+                &Method::PUT,
+                "/vm/dimms",
+                br#"{"size": "1G", "node": 1, "backing": "hugetlbfs", "prealloc": true,
+                     "id": "big-1.a_b"}"#
+            ),
+            Ok(ApiRequest::AddDimm(AddDimmBody {
+                size: 1 << 30,
+                node: Some(1),
+                backing: DimmBacking::Hugetlbfs,
+                prealloc: true,
+                id: Some("big-1.a_b".to_owned()),
+            }))
+        );
+        assert_eq!(
+            parse_request(
+                &Method::PUT,
+                "/vm/dimms",
+                br#"{"size": "512MiB", "backing": "memfd"}"#
+            )
+            .map(|request| match request {
+                ApiRequest::AddDimm(body) => (body.size, body.backing),
+                other => panic!("{other:?}"),
+            }),
+            Ok((512 << 20, DimmBacking::Memfd))
+        );
+        // The VMM, not the server, checks the size's granularity.
+        assert!(parse_request(&Method::PUT, "/vm/dimms", br#"{"size": 12345}"#).is_ok());
+        for body in [&b""[..], b"{}"] {
+            assert_eq!(
+                parse_request(&Method::DELETE, "/vm/dimms/dimm0", body),
+                Ok(ApiRequest::RemoveDimm {
+                    id: "dimm0".to_owned()
+                })
+            );
+        }
+    }
+
+    #[test]
+    fn rejects_invalid_dimm_requests() {
+        let error = |method: Method, path: &str, body: &[u8]| {
+            let error = parse_request(&method, path, body).unwrap_err();
+            (error.status, error.message)
+        };
+        let add = |body: &[u8]| error(Method::PUT, "/vm/dimms", body);
+
+        let (status, message) = add(b"");
+        assert_eq!(status, 400);
+        assert!(message.contains(ADD_DIMM_BODY), "{message}");
+        assert!(
+            message.contains(r#""backing": "anon|memfd|hugetlbfs""#),
+            "{message}"
+        );
+        let (status, message) = add(br#"[{"size": 1}]"#);
+        assert_eq!(status, 400);
+        assert!(message.contains(ADD_DIMM_BODY), "{message}");
+        assert_eq!(add(b"5").0, 400);
+        assert_eq!(add(b"{").0, 400);
+        assert_eq!(add(b"{}").0, 400);
+        assert_eq!(add(br#"{"size": -1}"#).0, 400);
+        assert_eq!(add(br#"{"size": "lots"}"#).0, 400);
+        assert_eq!(add(br#"{"size": 1, "node": -1}"#).0, 400);
+        assert_eq!(add(br#"{"size": 1, "prealloc": "yes"}"#).0, 400);
+        let (status, message) = add(br#"{"size": 1, "slot": 3}"#);
+        assert_eq!(status, 400);
+        assert!(message.contains("unknown field"), "{message}");
+        let (status, message) = add(br#"{"size": 1, "backing": "file"}"#);
+        assert_eq!(status, 400);
+        assert!(message.contains("unknown variant"), "{message}");
+        assert_eq!(add(br#"{"size": 1, "backing": "Anon"}"#).0, 400);
+        let long_id = "x".repeat(65);
+        for id in ["", "a b", "a/b", "dimm\u{e9}", long_id.as_str()] {
+            let body = serde_json::to_vec(&serde_json::json!({"size": 1, "id": id})).unwrap();
+            let (status, message) = add(&body);
+            assert_eq!(status, 400, "{id:?}");
+            assert!(message.starts_with("invalid DIMM id "), "{message}");
+        }
+        // `null` is an absent id (the VMM picks one).
+        assert!(matches!(
+            parse_request(&Method::PUT, "/vm/dimms", br#"{"size": 1, "id": null}"#),
+            Ok(ApiRequest::AddDimm(AddDimmBody { id: None, .. }))
+        ));
+
+        let (status, message) = error(Method::DELETE, "/vm/dimms/a%20b", b"");
+        assert_eq!(status, 400);
+        assert!(message.starts_with("invalid DIMM id "), "{message}");
+        assert_eq!(
+            error(Method::DELETE, &format!("/vm/dimms/{long_id}"), b"").0,
+            400
+        );
+        assert_eq!(
+            error(Method::DELETE, "/vm/dimms/dimm0", br#"{"force": true}"#).0,
+            400
+        );
+        assert_eq!(error(Method::DELETE, "/vm/dimms/dimm0", b"[]").0, 400);
+
+        for method in [Method::GET, Method::POST, Method::DELETE, Method::PATCH] {
+            assert_eq!(error(method, "/vm/dimms", b"").0, 405);
+        }
+        for method in [Method::GET, Method::PUT, Method::POST] {
+            assert_eq!(error(method, "/vm/dimms/dimm0", b"").0, 405);
+        }
+        assert_eq!(error(Method::DELETE, "/vm/dimms/", b"").0, 404);
+        assert_eq!(error(Method::DELETE, "/vm/dimms/a/b", b"").0, 404);
+        assert_eq!(error(Method::PUT, "/vm/dimms/", b"").0, 404);
+        assert_eq!(error(Method::PUT, "/vm/dimmsx", b"").0, 404);
+        assert_eq!(error(Method::DELETE, "/vm/dimm/dimm0", b"").0, 404);
+    }
+
+    #[test]
+    fn dimm_answers_are_created_and_accepted() {
+        let status = |method: Method, path: &str| {
+            Endpoint::from_path(path, method.as_str())
+                .unwrap()
+                .json_status()
+        };
+        assert_eq!(status(Method::PUT, "/vm/dimms"), StatusCode::CREATED);
+        assert_eq!(
+            status(Method::DELETE, "/vm/dimms/dimm0"),
+            StatusCode::ACCEPTED
+        );
+        assert_eq!(status(Method::GET, "/vm/info"), StatusCode::OK);
+        assert_eq!(status(Method::GET, "/vm/balloon"), StatusCode::OK);
+        let response = success_response(ApiResponse::Empty, StatusCode::CREATED);
+        assert_eq!(response.status(), StatusCode::NO_CONTENT);
     }
 
     #[test]

@@ -39,6 +39,7 @@ impl Drop for TempDir {
 }
 
 const BLOCK_SIZE: u64 = 2 << 20;
+const DIMM_ALIGN: u64 = 128 << 20;
 
 /// Stands in for the VMM: records requests and answers like a small VM.
 #[derive(Default)]
@@ -88,6 +89,38 @@ fn sample_info() -> VmInfo {
         }],
         memory_violations: Vec::new(),
         memory_violation_count: 0,
+        dimms: Some(DimmsInfo {
+            slots: 4,
+            maxmem_bytes: 8 << 30,
+            plugged_bytes: 1 << 30,
+            area: GuestRange {
+                start: 12 << 30,
+                size: 8 << 30,
+            },
+            dimms: vec![sample_dimm("boot-dimm", DimmState::Active)],
+        }),
+    }
+}
+
+fn sample_dimm(id: &str, state: DimmState) -> DimmInfo {
+    DimmInfo {
+        id: id.to_owned(),
+        slot: 0,
+        range: GuestRange {
+            start: 12 << 30,
+            size: 1 << 30,
+        },
+        node: 0,
+        backing: DimmBacking::Anon,
+        prealloc: false,
+        state,
+        resident_bytes: 0,
+        last_ost: (state == DimmState::Active).then(|| OstReport {
+            event: 1,
+            status: 0,
+            meaning: "success".to_owned(),
+        }),
+        removal_refused: None,
     }
 }
 
@@ -116,6 +149,39 @@ impl RequestHandler for FakeVmm {
                 ..Default::default()
             })),
             ApiRequest::SetBalloon { .. } => Ok(ApiResponse::Empty),
+            ApiRequest::AddDimm(body) if body.size == 0 || body.size % DIMM_ALIGN != 0 => {
+                Err(ApiError::bad_request(format!(
+                    "DIMM size {} is not a non-zero multiple of 128 MiB",
+                    body.size
+                )))
+            }
+            ApiRequest::AddDimm(body) => Ok(ApiResponse::Dimm(DimmInfo {
+                id: body.id.unwrap_or_else(|| "dimm1".to_owned()),
+                slot: 1,
+                range: GuestRange {
+                    start: 13 << 30,
+                    size: body.size,
+                },
+                node: body.node.unwrap_or(0),
+                backing: body.backing,
+                prealloc: body.prealloc,
+                state: DimmState::Inserting,
+                resident_bytes: if body.prealloc { body.size } else { 0 },
+                last_ost: None,
+                removal_refused: None,
+            })),
+            ApiRequest::RemoveDimm { id } if id == "boot-dimm" => {
+                let mut dimm = sample_dimm(&id, DimmState::Removing);
+                dimm.last_ost = Some(OstReport {
+                    event: 3,
+                    status: 0x84,
+                    meaning: "ejection in progress".to_owned(),
+                });
+                Ok(ApiResponse::Dimm(dimm))
+            }
+            ApiRequest::RemoveDimm { id } => {
+                Err(ApiError::not_found(format!("no DIMM with id {id}")))
+            }
         }
     }
 }
@@ -182,6 +248,9 @@ fn vm_info_round_trip() {
     assert_eq!(body["state"], "running");
     assert_eq!(body["memory"]["boot_ram_bytes"], 512u64 << 20);
     assert_eq!(body["virtio_mem"][0]["id"], "vmem0");
+    assert_eq!(body["dimms"]["slots"], 4);
+    assert_eq!(body["dimms"]["dimms"][0]["state"], "active");
+    assert_eq!(body["dimms"]["dimms"][0]["last_ost"]["status"], 0);
 }
 
 #[test]
@@ -226,6 +295,178 @@ fn resize_round_trip() {
             },
         ]
     );
+}
+
+#[test]
+fn add_dimm_round_trip() {
+    let running = start();
+    let body = AddDimmBody {
+        size: 1 << 30,
+        node: Some(1),
+        backing: DimmBacking::Hugetlbfs,
+        prealloc: true,
+        id: Some("big".to_owned()),
+    };
+    let dimm = running.client.add_dimm(&body).unwrap();
+    assert_eq!(dimm.id, "big");
+    assert_eq!(dimm.node, 1);
+    assert_eq!(dimm.backing, DimmBacking::Hugetlbfs);
+    assert_eq!(dimm.state, DimmState::Inserting);
+    assert_eq!(dimm.range.size, 1 << 30);
+    assert_eq!(dimm.resident_bytes, 1 << 30);
+
+    let (status, json) = running
+        .client
+        .call("PUT", "/vm/dimms", Some(json!({"size": "256M"})))
+        .unwrap();
+    assert_eq!(status, 201);
+    assert_eq!(json["id"], "dimm1");
+    assert_eq!(json["state"], "inserting");
+    assert_eq!(json["backing"], "anon");
+    assert_eq!(json["range"]["size"], 256u64 << 20);
+    assert!(json.get("last_ost").is_none(), "{json}");
+
+    let error = running
+        .client
+        .add_dimm(&AddDimmBody {
+            size: 100 << 20,
+            node: None,
+            backing: DimmBacking::Anon,
+            prealloc: false,
+            id: None,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&error, ClientError::Api { status: 400, message } if message.contains("128 MiB")),
+        "{error:?}"
+    );
+
+    assert_eq!(
+        running.vmm.requests(),
+        vec![
+            ApiRequest::AddDimm(body),
+            ApiRequest::AddDimm(AddDimmBody {
+                size: 256 << 20,
+                node: None,
+                backing: DimmBacking::Anon,
+                prealloc: false,
+                id: None,
+            }),
+            ApiRequest::AddDimm(AddDimmBody {
+                size: 100 << 20,
+                node: None,
+                backing: DimmBacking::Anon,
+                prealloc: false,
+                id: None,
+            }),
+        ]
+    );
+}
+
+#[test]
+fn remove_dimm_round_trip() {
+    let running = start();
+    let dimm = running.client.remove_dimm("boot-dimm").unwrap();
+    assert_eq!(dimm.id, "boot-dimm");
+    assert_eq!(dimm.state, DimmState::Removing);
+    assert_eq!(dimm.last_ost.as_ref().map(|ost| ost.status), Some(0x84));
+
+    let (status, json) = running
+        .client
+        .call("DELETE", "/vm/dimms/boot-dimm", None)
+        .unwrap();
+    assert_eq!(status, 202);
+    assert_eq!(json["state"], "removing");
+    assert_eq!(json["last_ost"]["event"], 3);
+    let (status, _) = running
+        .client
+        .call("DELETE", "/vm/dimms/boot-dimm", Some(json!({})))
+        .unwrap();
+    assert_eq!(status, 202);
+
+    let error = running.client.remove_dimm("dimm9").unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "API request failed with HTTP 404: no DIMM with id dimm9"
+    );
+    let invalid = running.client.remove_dimm("a/b").unwrap_err();
+    assert!(
+        matches!(invalid, ClientError::InvalidRequest { .. }),
+        "{invalid:?}"
+    );
+    assert_eq!(
+        running.vmm.requests(),
+        vec![
+            ApiRequest::RemoveDimm {
+                id: "boot-dimm".to_owned()
+            };
+            3
+        ]
+        .into_iter()
+        .chain([ApiRequest::RemoveDimm {
+            id: "dimm9".to_owned()
+        }])
+        .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn malformed_dimm_requests_never_reach_the_handler() {
+    let running = start();
+    let client = &running.client;
+    let error_of = |(status, body): (u16, serde_json::Value)| {
+        let message = body["error"].as_str().unwrap_or_default().to_owned();
+        assert!(!message.is_empty(), "status {status} without error message");
+        (status, message)
+    };
+    let add = |body: &[u8]| error_of(client.call_raw("PUT", "/vm/dimms", Some(body)).unwrap());
+
+    let (status, message) = add(b"");
+    assert_eq!(status, 400);
+    assert!(message.contains(r#"{"size": <bytes>"#), "{message}");
+    assert_eq!(add(b"[]").0, 400);
+    let (status, message) = add(br#"{"size": "1G", "slot": 2}"#);
+    assert_eq!(status, 400);
+    assert!(message.contains("unknown field"), "{message}");
+    let (status, message) = add(br#"{"size": "1G", "backing": "shm"}"#);
+    assert_eq!(status, 400);
+    assert!(message.contains("unknown variant"), "{message}");
+    let (status, message) = add(br#"{"size": "1G", "id": "no way"}"#);
+    assert_eq!(status, 400);
+    assert!(message.starts_with("invalid DIMM id"), "{message}");
+    let (status, message) = error_of(client.call("DELETE", "/vm/dimms/x%2Fy", None).unwrap());
+    assert_eq!(status, 400);
+    assert!(message.starts_with("invalid DIMM id"), "{message}");
+    assert_eq!(
+        error_of(
+            client
+                .call("DELETE", "/vm/dimms/dimm0", Some(json!({"now": true})))
+                .unwrap()
+        )
+        .0,
+        400
+    );
+
+    let (status, message) = error_of(client.call("GET", "/vm/dimms", None).unwrap());
+    assert_eq!(status, 405);
+    assert!(message.contains("use PUT"), "{message}");
+    let (status, message) = error_of(client.call("PUT", "/vm/dimms/dimm0", None).unwrap());
+    assert_eq!(status, 405);
+    assert!(message.contains("use DELETE"), "{message}");
+    assert_eq!(
+        error_of(client.call("DELETE", "/vm/dimms", None).unwrap()).0,
+        405
+    );
+    assert_eq!(
+        error_of(client.call("DELETE", "/vm/dimms/", None).unwrap()).0,
+        404
+    );
+    assert_eq!(
+        error_of(client.call("DELETE", "/vm/dimms/a/b", None).unwrap()).0,
+        404
+    );
+
+    assert!(running.vmm.requests().is_empty());
 }
 
 #[test]

@@ -9,16 +9,18 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::numa::{split_boot_ram, NumaNode};
 use crate::acpi::{self, AcpiConfig, DsdtConfig};
 use crate::arch::x86_64::layout::{
-    GuestLayout, GuestRange, ACPI_PM_PORT, GED_GSI, GED_MMIO_SIZE, GED_MMIO_START, PCI_CONFIG_PORT,
-    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START, SERIAL_GSI, SERIAL_PORT,
+    align_up, GuestLayout, GuestRange, ACPI_PM_PORT, GED_GSI, GED_MMIO_SIZE, GED_MMIO_START,
+    HOTPLUG_AREA_ALIGN, PCI_CONFIG_PORT, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE,
+    PCI_MMIO32_START, PLATFORM_MMIO_START, SERIAL_GSI, SERIAL_PORT,
 };
 use crate::arch::x86_64::{cpuid, regs};
 use crate::boot;
 use crate::config::VmConfig;
-use crate::config::{HotplugBacking, VirtioMemDeviceConfig};
+use crate::config::{DimmConfig, HotplugBacking, VirtioMemDeviceConfig};
 use crate::console::Console;
 use crate::devices::ged::GedDevice;
 use crate::devices::legacy::{I8042Reset, I8042_PORT, I8042_PORT_LEN};
+use crate::devices::memory_hotplug::{MemoryHotplugController, MEMORY_HOTPLUG_REGISTERS_SIZE};
 use crate::devices::pci::root::PCI_CONFIG_IO_SIZE;
 use crate::devices::pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot};
 use crate::devices::platform::{AcpiPowerManagement, ACPI_PM_SIZE};
@@ -29,8 +31,7 @@ use crate::devices::virtio::transport_pci::{
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
-use crate::memory::Backing;
-use crate::memory::MemoryManager;
+use crate::memory::{Backing, DimmMemoryError, HotplugRegionId, MemoryManager};
 use crate::vstate::interrupts::MsiRouting;
 use crate::vstate::vcpu::{VcpuContext, VcpuThread};
 use crate::vstate::vm;
@@ -78,6 +79,15 @@ pub enum BuildError {
         #[source]
         source: VirtioMemError,
     },
+    /// A DIMM present before the reboot could not be mapped again.
+    #[error("cannot map DIMM {id} again")]
+    Dimm {
+        /// The DIMM's id.
+        id: String,
+        /// The cause.
+        #[source]
+        source: DimmMemoryError,
+    },
     /// The balloon could not be created.
     #[error("cannot create the balloon")]
     Balloon(#[source] crate::devices::virtio::balloon::BalloonError),
@@ -124,14 +134,111 @@ pub struct RunningVm {
     pub virtio_mem: Vec<Arc<Mutex<VirtioPciDevice<VirtioMem>>>>,
     /// The balloon (also in `virtio`), if configured.
     pub balloon: Option<Arc<Mutex<VirtioPciDevice<BalloonDevice>>>>,
-    /// Guest-physical ranges of the hotplug regions (for the vCPUs' fault reports).
+    /// Guest-physical ranges of the hotplug regions and the DIMM area (for the vCPUs'
+    /// fault reports).
     pub hotplug_ranges: Arc<Vec<GuestRange>>,
+    /// ACPI DIMM hotplug, when the VM has slots.
+    pub dimms: Option<DimmHotplug>,
     /// GSI routes for MSI-X.
     pub msi_routing: Arc<MsiRouting>,
     /// The KVM VM.
     pub vm_fd: Arc<VmFd>,
     /// Guest memory, its layout and slots.
     pub memory: MemoryManager,
+}
+
+/// ACPI DIMM hotplug of a running VM: where DIMMs go, the controller the guest talks to, and
+/// the memory manager's region of each plugged slot.
+#[derive(Debug)]
+pub struct DimmHotplug {
+    /// Guest-physical range DIMMs are placed in.
+    pub area: GuestRange,
+    /// The register block behind `\_SB.MHPC`.
+    pub controller: Arc<Mutex<MemoryHotplugController>>,
+    /// Hotplug region of each occupied slot.
+    pub regions: std::collections::BTreeMap<u32, HotplugRegionId>,
+}
+
+/// The host backing of a hotplug region configured as `backing`.
+pub fn host_backing(backing: HotplugBacking) -> Backing {
+    match backing {
+        HotplugBacking::Anonymous => Backing::Anonymous,
+        HotplugBacking::Memfd => Backing::Memfd,
+        HotplugBacking::Hugetlbfs => Backing::Hugetlbfs { page_size: 2 << 20 },
+    }
+}
+
+/// Where DIMMs go: after the virtio-mem regions, on a 1 GiB boundary, as large as maxmem
+/// allows; `None` without slots.
+pub fn dimm_area(config: &VmConfig, layout: &GuestLayout) -> Option<GuestRange> {
+    if config.memory.slots == 0 {
+        return None;
+    }
+    let after_virtio_mem = virtio_mem_regions(&config.virtio_mem, layout)
+        .last()
+        .map_or(layout.hotplug_area.start, |r| {
+            align_up(r.end(), HOTPLUG_AREA_ALIGN)
+        });
+    Some(GuestRange {
+        start: after_virtio_mem,
+        size: config.memory.dimm_budget(),
+    })
+}
+
+/// Maps the DIMMs of `config` again (after a reboot) and shows them to the guest as present
+/// at boot.
+fn attach_dimms(
+    config: &VmConfig,
+    layout: &GuestLayout,
+    vm_fd: &Arc<VmFd>,
+    memory: &mut MemoryManager,
+    mmio_bus: &Bus,
+    exit: &ExitRequester,
+) -> Result<Option<DimmHotplug>, BuildError> {
+    let Some(area) = dimm_area(config, layout) else {
+        return Ok(None);
+    };
+    let controller = Arc::new(Mutex::new(MemoryHotplugController::new(
+        config.memory.slots,
+        exit.clone(),
+    )));
+    mmio_bus.insert(
+        controller.clone(),
+        PLATFORM_MMIO_START,
+        MEMORY_HOTPLUG_REGISTERS_SIZE,
+    )?;
+    let mut regions = std::collections::BTreeMap::new();
+    for DimmConfig {
+        id,
+        slot,
+        start,
+        size,
+        node,
+        backing,
+        prealloc,
+    } in &config.dimms
+    {
+        let range = GuestRange {
+            start: *start,
+            size: *size,
+        };
+        let region = memory
+            .add_dimm(vm_fd, range, host_backing(*backing), *prealloc)
+            .map_err(|source| BuildError::Dimm {
+                id: id.clone(),
+                source,
+            })?;
+        regions.insert(*slot, region);
+        controller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(*slot, range, *node, true);
+    }
+    Ok(Some(DimmHotplug {
+        area,
+        controller,
+        regions,
+    }))
 }
 
 /// Creates, loads and starts a VM.
@@ -173,6 +280,7 @@ pub fn build_vm(
         &mut memory,
         &mut attacher,
     )?;
+    let dimms = attach_dimms(config, &layout, &vm_fd, &mut memory, &mmio_bus, exit)?;
     let hotplug_ranges = Arc::new(
         virtio_mem
             .iter()
@@ -183,6 +291,7 @@ pub fn build_vm(
                     .status()
                     .region
             })
+            .chain(dimms.as_ref().map(|d| d.area))
             .collect::<Vec<_>>(),
     );
     let balloon = match &config.balloon {
@@ -210,6 +319,8 @@ pub fn build_vm(
         cpus: config.cpus,
         dsdt: DsdtConfig {
             pci_mmio64: layout.pci_mmio64,
+            memory_hotplug: (config.memory.slots > 0)
+                .then_some((config.memory.slots, PLATFORM_MMIO_START)),
         },
         numa: numa_nodes(config, &layout),
     };
@@ -251,6 +362,7 @@ pub fn build_vm(
         virtio_mem,
         balloon,
         hotplug_ranges,
+        dimms,
         msi_routing,
         vm_fd,
         memory,
@@ -258,16 +370,36 @@ pub fn build_vm(
 }
 
 /// The NUMA topology the SRAT describes: each node's vCPUs, its share of boot RAM, and the
-/// regions of the virtio-mem devices placed on it.
+/// regions of the virtio-mem devices placed on it. The DIMM area goes to the last node (a
+/// DIMM's own `_PXM` says where it really belongs); a VM with DIMM slots but no `--numa`
+/// gets one node, so that the SRAT can tell the guest to keep room for the area.
 fn numa_nodes(config: &VmConfig, layout: &GuestLayout) -> Vec<NumaNode> {
+    let dimm_area = dimm_area(config, layout);
+    if config.numa.is_empty() {
+        return match dimm_area {
+            Some(area) => vec![NumaNode {
+                id: 0,
+                cpus: (0..config.cpus).collect(),
+                memory: layout.ram.clone(),
+                hotplug: virtio_mem_regions(&config.virtio_mem, layout)
+                    .into_iter()
+                    .chain([area])
+                    .collect(),
+            }],
+            None => Vec::new(),
+        };
+    }
     let sizes: Vec<u64> = config.numa.iter().map(|n| n.memory).collect();
     let memory = split_boot_ram(&layout.ram, &sizes);
     let regions = virtio_mem_regions(&config.virtio_mem, layout);
+    let last = config.numa.len() - 1;
     config
         .numa
         .iter()
         .zip(memory)
-        .map(|(node, memory)| NumaNode {
+        .enumerate()
+        .map(|(index, (node, memory))| (index == last, node, memory))
+        .map(|(is_last, node, memory)| NumaNode {
             id: node.id,
             cpus: node.cpus.clone(),
             memory,
@@ -277,6 +409,7 @@ fn numa_nodes(config: &VmConfig, layout: &GuestLayout) -> Vec<NumaNode> {
                 .zip(&regions)
                 .filter(|(d, _)| d.node.unwrap_or(0) == node.id)
                 .map(|(_, r)| *r)
+                .chain(dimm_area.filter(|_| is_last))
                 .collect(),
         })
         .collect()
@@ -297,10 +430,7 @@ pub fn virtio_mem_regions(
                 start: next,
                 size: d.size,
             };
-            next = crate::arch::x86_64::layout::align_up(
-                range.end(),
-                crate::arch::x86_64::layout::HOTPLUG_AREA_ALIGN,
-            );
+            next = align_up(range.end(), HOTPLUG_AREA_ALIGN);
             range
         })
         .collect()
@@ -348,11 +478,7 @@ fn attach_virtio_mem(
 ) -> Result<Vec<Arc<Mutex<VirtioPciDevice<VirtioMem>>>>, BuildError> {
     let mut attached = Vec::new();
     for (config, region) in devices.iter().zip(virtio_mem_regions(devices, layout)) {
-        let backing = match config.backing {
-            HotplugBacking::Anonymous => Backing::Anonymous,
-            HotplugBacking::Memfd => Backing::Memfd,
-            HotplugBacking::Hugetlbfs => Backing::Hugetlbfs { page_size: 2 << 20 },
-        };
+        let backing = host_backing(config.backing);
         let hotplug = memory.add_hotplug_region(
             vm_fd,
             region,

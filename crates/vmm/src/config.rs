@@ -84,37 +84,100 @@ impl SerialConfig {
     }
 }
 
-/// Boot memory.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Boot memory, and the room for DIMMs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MemoryConfig {
     /// Boot RAM in bytes.
     pub size: u64,
+    /// ACPI DIMM slots (0: no DIMM hotplug).
+    pub slots: u32,
+    /// Boot RAM plus every DIMM may not exceed this (0 when there are no slots).
+    pub maxmem: u64,
 }
 
+/// DIMMs are whole Linux memory blocks (x86-64).
+pub const DIMM_ALIGN: u64 = 128 << 20;
+/// Most DIMM slots (QEMU's limit too).
+pub const MAX_DIMM_SLOTS: u32 = 256;
+
 impl MemoryConfig {
-    /// Parses `size=2G` (or just `2G`).
+    /// Parses `size=2G[,slots=8,maxmem=34G]` (or just `2G`).
     pub fn parse(value: &str) -> Result<Self, ConfigError> {
+        let invalid = |reason: String| ConfigError::InvalidOption {
+            option: "memory",
+            value: value.to_string(),
+            reason,
+        };
         let mut size = None;
+        let mut slots = None;
+        let mut maxmem = None;
         for item in value.split(',') {
             match item.split_once('=') {
                 Some(("size", s)) => size = Some(parse_size(s)?),
+                Some(("slots", s)) => {
+                    slots =
+                        Some(s.parse::<u32>().map_err(|_| {
+                            invalid(format!("slots={s} is not a number of DIMM slots"))
+                        })?)
+                }
+                Some(("maxmem", s)) => maxmem = Some(parse_size(s)?),
                 None if size.is_none() => size = Some(parse_size(item)?),
                 _ => {
-                    return Err(ConfigError::InvalidOption {
-                        option: "memory",
-                        value: value.to_string(),
-                        reason: format!("unknown key in '{item}' (known: size)"),
-                    })
+                    return Err(invalid(format!(
+                        "unknown key in '{item}' (known: size, slots, maxmem)"
+                    )))
                 }
             }
         }
-        let size = size.ok_or_else(|| ConfigError::InvalidOption {
-            option: "memory",
-            value: value.to_string(),
-            reason: "size= is required".into(),
-        })?;
-        Ok(MemoryConfig { size })
+        let size = size.ok_or_else(|| invalid("size= is required".into()))?;
+        let (slots, maxmem) = match (slots, maxmem) {
+            (None, None) => (0, 0),
+            (Some(slots), Some(maxmem)) => {
+                if !(1..=MAX_DIMM_SLOTS).contains(&slots) {
+                    return Err(invalid(format!(
+                        "slots must be between 1 and {MAX_DIMM_SLOTS}"
+                    )));
+                }
+                if maxmem < size + DIMM_ALIGN {
+                    return Err(invalid(format!(
+                        "maxmem must leave room for at least one 128 MiB DIMM above size ({})",
+                        format_size(size)
+                    )));
+                }
+                (slots, maxmem)
+            }
+            _ => return Err(invalid("slots= and maxmem= go together".into())),
+        };
+        Ok(MemoryConfig {
+            size,
+            slots,
+            maxmem,
+        })
     }
+
+    /// Bytes that DIMMs may add up to.
+    pub fn dimm_budget(&self) -> u64 {
+        self.maxmem.saturating_sub(self.size) / DIMM_ALIGN * DIMM_ALIGN
+    }
+}
+
+/// A DIMM the VM has now: added through the API, kept here so that a reboot brings it back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DimmConfig {
+    /// Name in the API.
+    pub id: String,
+    /// ACPI slot.
+    pub slot: u32,
+    /// Guest-physical start.
+    pub start: u64,
+    /// Size in bytes (a multiple of 128 MiB).
+    pub size: u64,
+    /// NUMA node.
+    pub node: u32,
+    /// Host backing.
+    pub backing: HotplugBacking,
+    /// Populate before the guest sees it.
+    pub prealloc: bool,
 }
 
 /// Parses `512M`, `2G`, `1048576`, `4KiB`... (binary units).
@@ -407,6 +470,8 @@ pub struct VmConfig {
     pub numa: Vec<NumaNodeConfig>,
     /// The balloon, if any.
     pub balloon: Option<BalloonDeviceConfig>,
+    /// DIMMs plugged now (empty at start; the API adds and removes them).
+    pub dimms: Vec<DimmConfig>,
 }
 
 /// What happens when the guest touches hotplug memory that is not plugged.
@@ -457,12 +522,20 @@ impl VmConfig {
                 });
             }
         }
-        let total_hotplug: u64 = self.virtio_mem.iter().map(|d| d.size).sum();
+        let total_hotplug: u64 = self
+            .virtio_mem
+            .iter()
+            .map(|d| {
+                d.size
+                    .next_multiple_of(crate::arch::x86_64::layout::HOTPLUG_AREA_ALIGN)
+            })
+            .sum::<u64>()
+            + self.memory.dimm_budget();
         if total_hotplug > crate::arch::x86_64::layout::HOTPLUG_AREA_SIZE {
             return Err(ConfigError::InvalidMemory {
                 size: format_size(total_hotplug),
                 reason: format!(
-                    "virtio-mem regions exceed the {} hotplug area",
+                    "virtio-mem regions and maxmem exceed the {} hotplug area",
                     format_size(crate::arch::x86_64::layout::HOTPLUG_AREA_SIZE)
                 ),
             });
@@ -608,6 +681,21 @@ mod tests {
         assert_eq!(MemoryConfig::parse("1G").unwrap().size, 1 << 30);
         assert!(MemoryConfig::parse("size=1G,foo=2").is_err());
         assert!(MemoryConfig::parse("slots=2").is_err());
+        let m = MemoryConfig::parse("size=2G,slots=8,maxmem=34G").unwrap();
+        assert_eq!((m.size, m.slots, m.maxmem), (2 << 30, 8, 34 << 30));
+        assert_eq!(m.dimm_budget(), 32 << 30);
+        assert_eq!(MemoryConfig::parse("1G").unwrap().slots, 0);
+        for bad in [
+            "size=1G,slots=8",
+            "size=1G,maxmem=4G",
+            "size=1G,slots=0,maxmem=4G",
+            "size=1G,slots=999,maxmem=4G",
+            "size=1G,slots=x,maxmem=4G",
+            "size=1G,slots=2,maxmem=1G",
+            "size=1G,slots=2,maxmem=lots",
+        ] {
+            assert!(MemoryConfig::parse(bad).is_err(), "{bad}");
+        }
         assert_eq!(format_size(3 << 29), "1.5 GiB");
     }
 
@@ -661,12 +749,16 @@ mod tests {
             initramfs: None,
             cmdline: String::new(),
             cpus: 1,
-            memory: MemoryConfig { size: 1 << 30 },
+            memory: MemoryConfig {
+                size: 1 << 30,
+                ..MemoryConfig::default()
+            },
             serial: SerialConfig::Off,
             virtio_mem: Vec::new(),
             violation_policy: ViolationPolicy::Report,
             numa: Vec::new(),
             balloon: None,
+            dimms: Vec::new(),
         };
         assert!(config.validate(Some(4 << 30)).is_ok());
         let err = config.validate(Some(512 << 20)).unwrap_err().to_string();

@@ -21,3 +21,15 @@ pub mod vstate;
 
 pub use config::VmConfig;
 pub use vmm::{Vmm, VmmError};
+
+/// An error and its causes on one line ("a: b: c"), for API messages and logs.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

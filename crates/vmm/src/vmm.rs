@@ -1,6 +1,8 @@
 //! The control loop: one thread that owns the running VM, answers API requests and handles
 //! power-off and reset.
 
+mod dimms;
+
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -305,6 +307,7 @@ impl Vmm {
                     self.stop_vm();
                     return Err(VmmError::GuestFailed(message));
                 }
+                VmExitReason::DimmEjected { slot } => self.dimm_ejected(slot),
                 VmExitReason::Violation { gpa, write, vcpu } => {
                     self.record_violation(gpa, write, vcpu);
                     if self.config.violation_policy == ViolationPolicy::Stop {
@@ -349,6 +352,12 @@ impl Vmm {
             }
             ApiRequest::ResizeVirtioMem { id, requested_size } => {
                 let _ = reply.send(self.resize_virtio_mem(&id, requested_size));
+            }
+            ApiRequest::AddDimm(body) => {
+                let _ = reply.send(self.add_dimm(body));
+            }
+            ApiRequest::RemoveDimm { id } => {
+                let _ = reply.send(self.remove_dimm(&id));
             }
         }
         Ok(None)
@@ -537,6 +546,7 @@ impl Vmm {
             virtio_mem: self.virtio_mem_info(),
             memory_violations: self.violations.clone(),
             memory_violation_count: self.violation_count,
+            dimms: self.dimms_info(),
         }
     }
 }

@@ -2,10 +2,10 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use std::time::{Duration, Instant};
 
-use tidevm_api::ApiClient;
+use tidevm_api::{AddDimmBody, ApiClient, DimmBacking, DimmInfo, DimmState};
 
 /// Options of `tidevm ctl`.
 #[derive(Debug, Args)]
@@ -51,6 +51,61 @@ enum CtlCommand {
         #[arg(long, default_value_t = 120)]
         timeout: u64,
     },
+    /// Hot-add a DIMM of SIZE (a multiple of 128M, e.g. 1G) and notify the guest (ACPI).
+    DimmAdd {
+        /// The DIMM's size.
+        size: String,
+        /// Guest NUMA node (default 0).
+        #[arg(long)]
+        node: Option<u32>,
+        /// How the host backs the DIMM's memory.
+        #[arg(long, value_enum, default_value_t = BackingArg::Anon)]
+        backing: BackingArg,
+        /// Fault the whole DIMM in on the host before the guest is told about it.
+        #[arg(long)]
+        prealloc: bool,
+        /// Id to give the DIMM (default: dimm<slot>).
+        #[arg(long)]
+        id: Option<String>,
+        /// Wait until the guest has taken the DIMM (state active).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+    /// Ask the guest to eject the DIMM ID (ACPI).
+    DimmDel {
+        /// The DIMM's id (from `info`, or `dimm-add --id`).
+        id: String,
+        /// Wait until the guest has ejected it (or refused to).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
+}
+
+/// `--backing` of `dimm-add`.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackingArg {
+    /// Private anonymous memory.
+    Anon,
+    /// A shared memfd.
+    Memfd,
+    /// 2 MiB pages from the host's hugetlbfs pool.
+    Hugetlbfs,
+}
+
+impl From<BackingArg> for DimmBacking {
+    fn from(backing: BackingArg) -> DimmBacking {
+        match backing {
+            BackingArg::Anon => DimmBacking::Anon,
+            BackingArg::Memfd => DimmBacking::Memfd,
+            BackingArg::Hugetlbfs => DimmBacking::Hugetlbfs,
+        }
+    }
 }
 
 /// Runs one API call and prints its result.
@@ -101,8 +156,146 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
                 );
             }
         }
+        CtlCommand::DimmAdd {
+            size,
+            node,
+            backing,
+            prealloc,
+            id,
+            wait,
+            timeout,
+        } => {
+            let bytes = tidevm_api::parse_byte_size(&size).ok_or_else(|| {
+                anyhow::anyhow!("invalid size '{size}': expected e.g. 128M, 512M or 1G")
+            })?;
+            let body = AddDimmBody {
+                size: bytes,
+                node,
+                backing: backing.into(),
+                prealloc,
+                id,
+            };
+            let started = Instant::now();
+            let dimm = client.add_dimm(&body)?;
+            println!("{}", serde_json::to_string_pretty(&dimm)?);
+            if wait {
+                return wait_for_dimm_active(
+                    &client,
+                    &dimm.id,
+                    started,
+                    Duration::from_secs(timeout),
+                );
+            }
+        }
+        CtlCommand::DimmDel { id, wait, timeout } => {
+            let started = Instant::now();
+            let dimm = client.remove_dimm(&id)?;
+            println!("{}", serde_json::to_string_pretty(&dimm)?);
+            if wait {
+                return wait_for_dimm_removed(
+                    &client,
+                    &dimm.id,
+                    started,
+                    Duration::from_secs(timeout),
+                );
+            }
+        }
     }
     Ok(0)
+}
+
+/// How often `dimm-add --wait` and `dimm-del --wait` look at the DIMM.
+const DIMM_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The DIMM `id` as `/vm/info` shows it now, if it is there.
+fn find_dimm(client: &ApiClient, id: &str) -> anyhow::Result<Option<DimmInfo>> {
+    let info = client.vm_info()?;
+    Ok(info
+        .dimms
+        .and_then(|dimms| dimms.dimms.into_iter().find(|dimm| dimm.id == id)))
+}
+
+fn dimm_state_name(state: DimmState) -> &'static str {
+    match state {
+        DimmState::Inserting => "inserting",
+        DimmState::Active => "active",
+        DimmState::Removing => "removing",
+    }
+}
+
+/// "it is removing; last _OST from the guest: ..." for timeout messages.
+fn dimm_situation(dimm: &DimmInfo) -> String {
+    let ost = match &dimm.last_ost {
+        Some(ost) => format!(
+            "last _OST from the guest: event {:#x}, status {:#x} ({})",
+            ost.event, ost.status, ost.meaning
+        ),
+        None => "no _OST report from the guest".to_owned(),
+    };
+    format!("it is {}; {ost}", dimm_state_name(dimm.state))
+}
+
+/// Polls `/vm/info` until the DIMM `id` is active; returns 0 then, 2 (with its state and
+/// the guest's last `_OST`) when the guest does not take it in time.
+fn wait_for_dimm_active(
+    client: &ApiClient,
+    id: &str,
+    started: Instant,
+    timeout: Duration,
+) -> anyhow::Result<u8> {
+    loop {
+        let dimm = find_dimm(client, id)?
+            .ok_or_else(|| anyhow::anyhow!("dimm {id} disappeared while waiting for it"))?;
+        if dimm.state == DimmState::Active {
+            println!(
+                "dimm {id} active after {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(0);
+        }
+        if started.elapsed() >= timeout {
+            eprintln!(
+                "tidevm: error: the guest did not take dimm {id} within {} s: {} (the guest \
+                 kernel may lack ACPI memory hotplug)",
+                timeout.as_secs(),
+                dimm_situation(&dimm)
+            );
+            return Ok(2);
+        }
+        std::thread::sleep(DIMM_POLL_INTERVAL);
+    }
+}
+
+/// Polls `/vm/info` until the DIMM `id` is gone; returns 0 then, 2 when the guest refused
+/// to eject it or did not finish in time (the VM goes on, with the DIMM).
+fn wait_for_dimm_removed(
+    client: &ApiClient,
+    id: &str,
+    started: Instant,
+    timeout: Duration,
+) -> anyhow::Result<u8> {
+    loop {
+        let Some(dimm) = find_dimm(client, id)? else {
+            println!(
+                "dimm {id} removed after {:.2} s",
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(0);
+        };
+        if let Some(reason) = &dimm.removal_refused {
+            eprintln!("tidevm: error: the guest refused to eject dimm {id}: {reason}");
+            return Ok(2);
+        }
+        if started.elapsed() >= timeout {
+            eprintln!(
+                "tidevm: error: the guest did not eject dimm {id} within {} s: {}",
+                timeout.as_secs(),
+                dimm_situation(&dimm)
+            );
+            return Ok(2);
+        }
+        std::thread::sleep(DIMM_POLL_INTERVAL);
+    }
 }
 
 /// Polls the balloon until the host's count of inflated memory reaches `target`.

@@ -27,7 +27,8 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
-    /// Boot memory: size=SIZE (e.g. size=2G).
+    /// Boot memory: size=SIZE[,slots=N,maxmem=SIZE] (e.g. size=2G,slots=8,maxmem=34G: room
+    /// for 8 ACPI DIMMs that together bring the guest up to 34 GiB).
     #[arg(long, default_value = "size=512M")]
     memory: String,
     /// Unix socket for the control API.
@@ -82,6 +83,7 @@ impl RunArgs {
             } else {
                 ViolationPolicy::Report
             },
+            dimms: Vec::new(),
         })
     }
 }

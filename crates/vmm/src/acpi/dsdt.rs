@@ -20,6 +20,8 @@ use crate::devices::platform::ACPI_S5_SLEEP_TYPE;
 pub struct DsdtConfig {
     /// The 64-bit PCI BAR window.
     pub pci_mmio64: GuestRange,
+    /// ACPI DIMM hotplug: the number of slots and the controller's register address.
+    pub memory_hotplug: Option<(u32, u64)>,
 }
 
 impl Default for DsdtConfig {
@@ -29,6 +31,7 @@ impl Default for DsdtConfig {
                 start: 1 << 40,
                 size: 1 << 36,
             },
+            memory_hotplug: None,
         }
     }
 }
@@ -39,7 +42,10 @@ pub fn build_dsdt(config: &DsdtConfig) -> Vec<u8> {
     let mut body = Vec::new();
     pci_root(config).to_aml_bytes(&mut body);
     motherboard_resources().to_aml_bytes(&mut body);
-    generic_event_device().to_aml_bytes(&mut body);
+    if let Some((slots, registers)) = config.memory_hotplug {
+        super::memory_hotplug::memory_hotplug_aml(slots, registers).to_aml_bytes(&mut body);
+    }
+    generic_event_device(config.memory_hotplug.is_some()).to_aml_bytes(&mut body);
     power_button().to_aml_bytes(&mut body);
     com1().to_aml_bytes(&mut body);
     s5().to_aml_bytes(&mut body);
@@ -49,7 +55,14 @@ pub fn build_dsdt(config: &DsdtConfig) -> Vec<u8> {
 }
 
 /// A sized AML object that owns what it references (acpi_tables builders borrow).
-struct Owned(Vec<u8>);
+pub(super) struct Owned(pub(super) Vec<u8>);
+
+impl Owned {
+    /// Wraps already encoded AML.
+    pub(super) fn from_bytes(bytes: Vec<u8>) -> Self {
+        Owned(bytes)
+    }
+}
 
 impl Aml for Owned {
     fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
@@ -57,7 +70,7 @@ impl Aml for Owned {
     }
 }
 
-fn encode(object: &dyn Aml) -> Owned {
+pub(super) fn encode(object: &dyn Aml) -> Owned {
     let mut bytes = Vec::new();
     object.to_aml_bytes(&mut bytes);
     Owned(bytes)
@@ -120,8 +133,9 @@ fn motherboard_resources() -> Owned {
     ))
 }
 
-/// ACPI0013 with an `_EVT` that reads the event register and dispatches on its bits.
-fn generic_event_device() -> Owned {
+/// ACPI0013 with an `_EVT` that reads the event register and dispatches on its bits: the
+/// power button, and with DIMM slots the memory hotplug scan.
+fn generic_event_device(memory_hotplug: bool) -> Owned {
     let interrupt = Interrupt::new(true, true, false, false, GED_GSI);
     let registers = Memory32Fixed::new(true, GED_MMIO_START as u32, GED_MMIO_SIZE as u32);
     let crs = ResourceTemplate::new(vec![&interrupt, &registers]);
@@ -145,7 +159,17 @@ fn generic_event_device() -> Owned {
     let power_button = Path::new("\\_SB_.PWRB");
     let power_notify = Notify::new(&power_button, &0x80u8);
     let on_power = If::new(&power_bit, vec![&power_notify]);
-    let evt = Method::new("_EVT".into(), 1, true, vec![&read_pending, &on_power]);
+    let memory_bit = aml::And::new(&aml::ZERO, &pending, &event::MEMORY_HOTPLUG);
+    let scan = aml::MethodCall::new(
+        Path::new(&format!("{}.MSCN", super::memory_hotplug::CONTAINER)),
+        vec![],
+    );
+    let on_memory = If::new(&memory_bit, vec![&scan]);
+    let mut body: Vec<&dyn Aml> = vec![&read_pending, &on_power];
+    if memory_hotplug {
+        body.push(&on_memory);
+    }
+    let evt = Method::new("_EVT".into(), 1, true, body);
     encode(&Device::new(
         "_SB_.GED_".into(),
         vec![

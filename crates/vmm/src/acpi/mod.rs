@@ -4,6 +4,7 @@
 //! address goes to the kernel through PVH's `rsdp_paddr`.
 
 mod dsdt;
+mod memory_hotplug;
 pub mod numa;
 
 use acpi_tables::fadt::{FADTBuilder, Flags};

@@ -3,6 +3,7 @@
 pub mod bus;
 pub mod ged;
 pub mod legacy;
+pub mod memory_hotplug;
 pub mod pci;
 pub mod platform;
 pub mod serial;

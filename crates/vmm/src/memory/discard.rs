@@ -171,8 +171,7 @@ impl HostMapping {
         self.region.file_offset().map(|f| f.file())
     }
 
-    /// Number of resident host pages in `[offset, offset+len)` (tests only).
-    #[cfg(test)]
+    /// Number of resident 4 KiB host pages in `[offset, offset+len)`.
     pub(crate) fn resident_pages(&self, offset: u64, len: u64) -> io::Result<usize> {
         let (ptr, ulen) = self.checked(offset, len)?;
         let mut vec = vec![0u8; ulen.div_ceil(4096)];

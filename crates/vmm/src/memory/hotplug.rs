@@ -41,7 +41,8 @@ pub enum Backing {
 pub struct HotplugRegionId(usize);
 
 impl HotplugRegionId {
-    /// Position of the region in the manager (regions are never removed).
+    /// Position of the region in the manager (a removed region leaves its position empty,
+    /// so ids stay stable).
     pub fn index(self) -> usize {
         self.0
     }
@@ -324,18 +325,33 @@ impl MemoryManager {
                 });
             }
         }
-        if !block_size.is_power_of_two() || block_size < MIN_BLOCK_SIZE {
+        // Devices choose their own granularity rules (virtio-mem: powers of two); the
+        // manager needs only whole host pages. A DIMM is one block of its own size.
+        if block_size < MIN_BLOCK_SIZE || !block_size.is_multiple_of(MIN_BLOCK_SIZE) {
             return Err(bad(format!(
-                "block size {block_size:#x} is not a power of two >= 4 KiB"
+                "block size {block_size:#x} is not a multiple of 4 KiB"
             )));
         }
-        if range.size == 0
-            || !range.start.is_multiple_of(block_size)
-            || !range.size.is_multiple_of(block_size)
-        {
+        if let Backing::Hugetlbfs { page_size } = backing {
+            if !block_size.is_multiple_of(page_size) {
+                return Err(bad(format!(
+                    "block size {block_size:#x} is not a multiple of the huge page size {page_size:#x}"
+                )));
+            }
+        }
+        if range.size == 0 || !range.size.is_multiple_of(block_size) {
             return Err(bad(format!(
                 "not a non-empty multiple of the block size {block_size:#x}"
             )));
+        }
+        // Blocks are counted from the region's start, which need only be page aligned (a
+        // DIMM is one block of its own size, placed on a 128 MiB boundary).
+        let page = match backing {
+            Backing::Hugetlbfs { page_size } => page_size,
+            _ => MIN_BLOCK_SIZE,
+        };
+        if !range.start.is_multiple_of(page) {
+            return Err(bad(format!("start is not aligned to the page size {page:#x}")));
         }
         let area = self.layout.hotplug_area;
         let inside = range.start >= area.start
@@ -351,8 +367,7 @@ impl MemoryManager {
         }
         let end = range.end();
         if let Some(other) = self
-            .hotplug
-            .iter()
+            .regions()
             .find(|r| range.start < r.range.end() && r.range.start < end)
         {
             return Err(bad(format!(
@@ -385,7 +400,7 @@ impl MemoryManager {
             .insert_region(mapping.region().clone())
             .map_err(MemoryError::Collection)?;
         self.guest_memory = guest_memory;
-        self.hotplug.push(HotplugRegion {
+        let region = HotplugRegion {
             range,
             block_size,
             prealloc,
@@ -393,8 +408,44 @@ impl MemoryManager {
             mapping,
             #[cfg(test)]
             populate_budget: None,
-        });
-        Ok(HotplugRegionId(self.hotplug.len() - 1))
+        };
+        // Reuse the place of a removed region so that DIMMs coming and going do not grow
+        // the list.
+        let index = match self.hotplug.iter().position(Option::is_none) {
+            Some(free) => {
+                self.hotplug[free] = Some(region);
+                free
+            }
+            None => {
+                self.hotplug.push(Some(region));
+                self.hotplug.len() - 1
+            }
+        };
+        Ok(HotplugRegionId(index))
+    }
+
+    /// Removes region `id` for good: its KVM slots go first, then its memory is discarded,
+    /// taken out of [`MemoryManager::guest_memory`] and unmapped. A guest access to the
+    /// range afterwards exits to the VMM like any access to unplugged memory.
+    pub fn remove_hotplug_region(&mut self, id: HotplugRegionId) -> Result<(), PlugError> {
+        self.unplug_all(id)?;
+        let range = self.region(id)?.range;
+        match self
+            .guest_memory
+            .remove_region(vm_memory::GuestAddress(range.start), range.size)
+        {
+            Ok((guest_memory, _removed)) => self.guest_memory = guest_memory,
+            // Not in the collection: nothing to take out (cannot happen for a mapped region).
+            Err(e) => tracing::warn!("hotplug region {:#x} not in guest memory: {e}", range.start),
+        }
+        // Dropping the mapping unmaps it once the last clone of the old collection is gone.
+        self.hotplug[id.0] = None;
+        Ok(())
+    }
+
+    /// The hotplug regions that exist.
+    fn regions(&self) -> impl Iterator<Item = &HotplugRegion> {
+        self.hotplug.iter().flatten()
     }
 
     pub(crate) fn region_mut(
@@ -403,16 +454,28 @@ impl MemoryManager {
     ) -> Result<&mut HotplugRegion, PlugError> {
         self.hotplug
             .get_mut(id.0)
+            .and_then(Option::as_mut)
             .ok_or(PlugError::UnknownRegion(id))
     }
 
     fn region(&self, id: HotplugRegionId) -> Result<&HotplugRegion, PlugError> {
-        self.hotplug.get(id.0).ok_or(PlugError::UnknownRegion(id))
+        self.hotplug
+            .get(id.0)
+            .and_then(Option::as_ref)
+            .ok_or(PlugError::UnknownRegion(id))
     }
 
     /// Describes a hotplug region.
     pub fn hotplug_region(&self, id: HotplugRegionId) -> Option<HotplugRegionInfo> {
-        self.hotplug.get(id.0).map(HotplugRegion::info)
+        self.region(id).ok().map(HotplugRegion::info)
+    }
+
+    /// Host memory resident in region `id`'s mapping, in bytes (0 for an unknown region).
+    pub fn resident_bytes(&self, id: HotplugRegionId) -> u64 {
+        self.region(id)
+            .ok()
+            .and_then(|r| r.mapping.resident_pages(0, r.range.size).ok())
+            .map_or(0, |pages| pages as u64 * MIN_BLOCK_SIZE)
     }
 
     /// Plugs `count` blocks from `first_block`: makes them accessible and, with prealloc,
@@ -503,7 +566,7 @@ impl MemoryManager {
         while cur < end {
             if let Some(ram) = self.layout.ram.iter().find(|r| r.contains(cur)) {
                 cur = end.min(ram.end());
-            } else if let Some(region) = self.hotplug.iter().find(|r| r.range.contains(cur)) {
+            } else if let Some(region) = self.regions().find(|r| r.range.contains(cur)) {
                 let stop = end.min(region.range.end());
                 if !region.all_plugged(cur, stop) {
                     return false;
@@ -520,6 +583,7 @@ impl MemoryManager {
     /// loop uses it to report a guest touching memory it does not own.
     pub fn find_unplugged_access(&self, gpa: u64) -> Option<UnpluggedAccess> {
         self.hotplug.iter().enumerate().find_map(|(i, region)| {
+            let region = region.as_ref()?;
             if !region.range.contains(gpa) {
                 return None;
             }
@@ -535,6 +599,6 @@ impl MemoryManager {
     /// The host mapping of a region (tests measure residency through it).
     #[cfg(test)]
     pub(crate) fn hotplug_mapping(&self, id: HotplugRegionId) -> &HostMapping {
-        &self.hotplug[id.0].mapping
+        &self.region(id).expect("a live hotplug region").mapping
     }
 }

@@ -7,6 +7,7 @@
 mod backing;
 mod balloon;
 mod bitmap;
+mod dimm;
 mod discard;
 mod hotplug;
 #[cfg(test)]
@@ -24,6 +25,7 @@ use vm_memory::{
 use crate::arch::x86_64::layout::{GuestLayout, GuestRange};
 pub use backing::host_memory_bytes;
 pub use balloon::{DiscardError, DiscardOutcome, DISCARD_GRANULE};
+pub use dimm::DimmMemoryError;
 pub use hotplug::{
     Backing, BlockRangeState, HotplugRegionId, HotplugRegionInfo, PlugError, UnpluggedAccess,
 };
@@ -97,7 +99,8 @@ pub struct MemoryManager {
     guest_memory: GuestMemoryMmap,
     slots: Vec<MemorySlot>,
     next_slot: u32,
-    hotplug: Vec<hotplug::HotplugRegion>,
+    /// Hotplug regions by id; `None` where a region was removed.
+    hotplug: Vec<Option<hotplug::HotplugRegion>>,
     /// The VM whose slots follow the plugged blocks (set when a hotplug region is added).
     vm: Option<Arc<VmFd>>,
 }

@@ -25,6 +25,12 @@ pub enum VmExitReason {
         /// The vCPU.
         vcpu: u8,
     },
+    /// Not an exit by itself: the guest ejected the DIMM in `slot` (its `_EJ0`); the control
+    /// loop takes the DIMM's memory away.
+    DimmEjected {
+        /// The DIMM slot.
+        slot: u32,
+    },
 }
 
 /// Lets devices and vCPUs tell the control loop that the VM must stop or reset.
