@@ -339,8 +339,8 @@ mod tests {
         let aml = memory_hotplug_aml(3, 0xfeb0_1000).0;
         let text = String::from_utf8_lossy(&aml);
         for needle in [
-            "MHPC", "MDNR", "HPMR", "MSCN", "MTFY", "MSTA", "MCRS", "MPXM", "MOST",
-            "MEJ0", "MP00", "MP01", "MP02", "_EJ0", "_OST", "_PXM", "_CRS", "_STA",
+            "MHPC", "MDNR", "HPMR", "MSCN", "MTFY", "MSTA", "MCRS", "MPXM", "MOST", "MEJ0", "MP00",
+            "MP01", "MP02", "_EJ0", "_OST", "_PXM", "_CRS", "_STA",
         ] {
             assert!(text.contains(needle), "AML lacks {needle}");
         }

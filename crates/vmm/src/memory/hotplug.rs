@@ -351,7 +351,9 @@ impl MemoryManager {
             _ => MIN_BLOCK_SIZE,
         };
         if !range.start.is_multiple_of(page) {
-            return Err(bad(format!("start is not aligned to the page size {page:#x}")));
+            return Err(bad(format!(
+                "start is not aligned to the page size {page:#x}"
+            )));
         }
         let area = self.layout.hotplug_area;
         let inside = range.start >= area.start

@@ -133,7 +133,13 @@ fn region_parameters_are_validated() {
     bad(&mut mm, start, 0, BLOCK, Backing::Anonymous);
     // Not page aligned (block alignment is the device's rule, not the manager's).
     bad(&mut mm, start + 100, 4 * MIB, BLOCK, Backing::Anonymous);
-    bad(&mut mm, start + 4096, 4 * MIB, BLOCK, Backing::Hugetlbfs { page_size: BLOCK });
+    bad(
+        &mut mm,
+        start + 4096,
+        4 * MIB,
+        BLOCK,
+        Backing::Hugetlbfs { page_size: BLOCK },
+    );
     bad(&mut mm, start, 3 * MIB, BLOCK, Backing::Anonymous);
     bad(&mut mm, start, 4 * MIB, 3 * MIB, Backing::Anonymous);
     bad(&mut mm, 0, 4 * MIB, BLOCK, Backing::Anonymous);
