@@ -68,6 +68,17 @@ fn check_platform(guest: &Guest) -> Result<()> {
         guest,
         "no ACPI0013 (GED) platform device",
     )?;
+    // The device existing is not enough: its driver must have bound (a GED whose _CRS the
+    // driver cannot parse fails its probe, and the first event then oopses the guest).
+    let ged_driver = guest.run(
+        "ls /sys/bus/platform/drivers/acpi-ged/ | grep -c ACPI0013 || true",
+        CMD,
+    )?;
+    check(
+        ged_driver.trim() != "0",
+        guest,
+        "the acpi-ged driver did not bind to the GED",
+    )?;
     // Checked here rather than with the guest's grep: the output stays exactly what the kernel
     // logged.
     let problems: Vec<&str> = dmesg
@@ -82,6 +93,8 @@ fn check_platform(guest: &Guest) -> Result<()> {
             [
                 "acpi error",
                 "acpi bios error",
+                "probe with driver",
+                "unable to parse",
                 "ae_not_found",
                 "firmware bug",
             ]

@@ -4,6 +4,7 @@
 //! `cargo test --release -p tidevm --test real_guest [-- FILTER]`
 
 mod balloon;
+mod dimm;
 mod foundation;
 mod virtio_mem;
 
@@ -28,6 +29,7 @@ fn main() {
     let scenarios: Vec<(&str, Scenario)> = foundation::SCENARIOS
         .iter()
         .chain(virtio_mem::SCENARIOS)
+        .chain(dimm::SCENARIOS)
         .copied()
         .collect();
     // The balloon scenario is opt-in (TIDEVM_BALLOON_SCENARIO=1) until it is stable in the

@@ -30,7 +30,7 @@ fn boot_with<'a>(lane: &'a Lane, memory: &str, extra_args: &[&str]) -> Result<Gu
 
 /// Waits until the guest's MemTotal is `expected` KiB: the device reports a block plugged
 /// when it acknowledges it, and the guest onlines the memory a moment later.
-fn wait_mem_total(guest: &Guest, expected: u64) -> Result<u64> {
+pub fn wait_mem_total(guest: &Guest, expected: u64) -> Result<u64> {
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let total = mem_total_kib(guest)?;
@@ -43,7 +43,7 @@ fn wait_mem_total(guest: &Guest, expected: u64) -> Result<u64> {
 
 /// Powers the guest off at the end of a scenario whose subject is not power-off (the
 /// foundation scenarios assert that); a guest that does not go down is killed, with a note.
-fn finish(guest: &Guest) -> Result<()> {
+pub fn finish(guest: &Guest) -> Result<()> {
     if let Err(e) = guest.poweroff(Duration::from_secs(120)) {
         eprintln!(
             "NOTE: the guest did not power off cleanly; killed it ({})",

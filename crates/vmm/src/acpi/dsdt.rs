@@ -41,7 +41,7 @@ pub fn build_dsdt(config: &DsdtConfig) -> Vec<u8> {
     let mut dsdt = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, *b"TIDEVM", *b"TIDEVMVM", 1);
     let mut body = Vec::new();
     pci_root(config).to_aml_bytes(&mut body);
-    motherboard_resources().to_aml_bytes(&mut body);
+    motherboard_resources(config).to_aml_bytes(&mut body);
     if let Some((slots, registers)) = config.memory_hotplug {
         super::memory_hotplug::memory_hotplug_aml(slots, registers).to_aml_bytes(&mut body);
     }
@@ -119,10 +119,23 @@ fn pci_root(config: &DsdtConfig) -> Owned {
     ))
 }
 
-/// Reserves ECAM as a motherboard resource, which Linux requires before it uses MMCONFIG.
-fn motherboard_resources() -> Owned {
+/// Reserves ECAM as a motherboard resource, which Linux requires before it uses MMCONFIG,
+/// and the platform registers (the GED's, the memory hotplug controller's).
+fn motherboard_resources(config: &DsdtConfig) -> Owned {
     let ecam = Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
-    let crs = ResourceTemplate::new(vec![&ecam]);
+    let ged = Memory32Fixed::new(true, GED_MMIO_START as u32, GED_MMIO_SIZE as u32);
+    let memory_hotplug = config.memory_hotplug.map(|(_, registers)| {
+        Memory32Fixed::new(
+            true,
+            registers as u32,
+            crate::devices::memory_hotplug::MEMORY_HOTPLUG_REGISTERS_SIZE as u32,
+        )
+    });
+    let mut resources: Vec<&dyn Aml> = vec![&ecam, &ged];
+    if let Some(registers) = &memory_hotplug {
+        resources.push(registers);
+    }
+    let crs = ResourceTemplate::new(resources);
     encode(&Device::new(
         "_SB_.MBRD".into(),
         vec![
@@ -136,9 +149,11 @@ fn motherboard_resources() -> Owned {
 /// ACPI0013 with an `_EVT` that reads the event register and dispatches on its bits: the
 /// power button, and with DIMM slots the memory hotplug scan.
 fn generic_event_device(memory_hotplug: bool) -> Owned {
+    // Interrupts only: Linux's GED driver treats every _CRS entry as an interrupt and fails
+    // its probe on anything else (leaving a handler behind that oopses on the first event).
+    // The event register is reserved by the motherboard device instead.
     let interrupt = Interrupt::new(true, true, false, false, GED_GSI);
-    let registers = Memory32Fixed::new(true, GED_MMIO_START as u32, GED_MMIO_SIZE as u32);
-    let crs = ResourceTemplate::new(vec![&interrupt, &registers]);
+    let crs = ResourceTemplate::new(vec![&interrupt]);
     let region = OpRegion::new(
         "GDST".into(),
         OpRegionSpace::SystemMemory,
@@ -237,5 +252,21 @@ mod tests {
             assert!(text.contains(needle), "DSDT lacks {needle}");
         }
         assert_eq!(dsdt.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+    }
+}
+
+#[cfg(test)]
+mod dump {
+    /// `TIDEVM_DUMP_DSDT=path cargo test -p tidevm-vmm dump_dsdt` writes a DSDT with DIMM
+    /// slots for `iasl -d`.
+    #[test]
+    fn dump_dsdt() {
+        if let Some(path) = std::env::var_os("TIDEVM_DUMP_DSDT") {
+            let config = super::DsdtConfig {
+                memory_hotplug: Some((2, 0xfeb0_1000)),
+                ..super::DsdtConfig::default()
+            };
+            std::fs::write(path, super::build_dsdt(&config)).unwrap();
+        }
     }
 }

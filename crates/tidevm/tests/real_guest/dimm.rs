@@ -1,0 +1,248 @@
+//! Issue 5: ACPI DIMM hot(un)plug with the real Linux ACPI memory hotplug driver.
+
+use std::time::Duration;
+
+use tidevm_api::{DimmInfo, DimmState, VmInfo};
+use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
+
+use crate::foundation::{check, mem_total_kib, BOOT, CMD};
+use crate::virtio_mem::{finish, wait_mem_total};
+use crate::Scenario;
+
+pub const SCENARIOS: &[(&str, Scenario)] = &[
+    ("dimm_add_use_remove", add_use_remove),
+    ("dimm_reboot_and_refused_eject", reboot_and_refused_eject),
+];
+
+const GIB_KIB: u64 = 1024 * 1024;
+
+fn boot_with_slots<'a>(lane: &'a Lane, memory: &str) -> Result<Guest<'a>> {
+    let guest = lane.boot_guest(&GuestOptions {
+        cpus: 1,
+        memory: memory.into(),
+        ..GuestOptions::default()
+    })?;
+    guest.wait_ready(BOOT)?;
+    Ok(guest)
+}
+
+/// `tidevm ctl ...` in the lane with a timeout long enough for `--wait`.
+fn ctl_long(guest: &Guest, args: &str) -> Result<(i32, String)> {
+    let lane = guest.lane();
+    lane.sh(
+        &format!(
+            "{} ctl --api-socket {} {args} 2>&1",
+            lane.lane_tidevm(),
+            guest.api_socket()
+        ),
+        Duration::from_secs(200),
+    )
+}
+
+fn info(guest: &Guest) -> Result<VmInfo> {
+    let (rc, out) = guest.ctl(&["info"])?;
+    check(rc == 0, guest, format!("ctl info failed: {out}"))?;
+    serde_json::from_str(&out).map_err(|e| guest.failure(format!("bad info JSON ({e}): {out}")))
+}
+
+fn dimm(guest: &Guest, id: &str) -> Result<Option<DimmInfo>> {
+    Ok(info(guest)?
+        .dimms
+        .ok_or_else(|| guest.failure("GET /vm/info has no dimms section"))?
+        .dimms
+        .into_iter()
+        .find(|d| d.id == id))
+}
+
+fn add(guest: &Guest, size: &str, id: &str) -> Result<String> {
+    let (rc, out) = ctl_long(
+        guest,
+        &format!("dimm-add {size} --id {id} --wait --timeout 150"),
+    )?;
+    if rc != 0 {
+        let acpi = guest
+            .run("dmesg | grep -iE 'acpi|memory|ged' | tail -40", CMD)
+            .unwrap_or_else(|e| e.to_string());
+        return Err(guest.failure(format!(
+            "dimm-add {size} {id} failed ({rc}): {out}\nguest ACPI log:\n{acpi}"
+        )));
+    }
+    Ok(out)
+}
+
+/// Two 1 GiB DIMMs: MemTotal grows by 2 GiB, the guest writes a pattern through them, one
+/// is removed and MemTotal and the host RSS fall.
+fn add_use_remove(lane: &Lane) -> Result<()> {
+    let guest = boot_with_slots(lane, "512M,slots=4,maxmem=3G")?;
+    let devices = guest.run("ls /sys/bus/acpi/devices/ | grep -c PNP0C80", CMD)?;
+    check(
+        devices.trim() == "4",
+        &guest,
+        format!("the guest sees {} PNP0C80 devices, not 4", devices.trim()),
+    )?;
+    let before = mem_total_kib(&guest)?;
+    for id in ["d0", "d1"] {
+        let out = add(&guest, "1G", id)?;
+        eprintln!("{}", out.lines().last().unwrap_or(""));
+    }
+    let grown = wait_mem_total(&guest, before + 2 * GIB_KIB)?;
+    check(
+        grown - before == 2 * GIB_KIB,
+        &guest,
+        format!("MemTotal grew by {} KiB, not 2 GiB", grown - before),
+    )?;
+    let online = guest.run(
+        "cat /sys/devices/system/memory/memory*/state | grep -c online",
+        CMD,
+    )?;
+    eprintln!("online memory blocks with two DIMMs: {}", online.trim());
+
+    // The guest's 512 MiB of boot RAM cannot hold this: most of it lands on the DIMMs.
+    let touched = guest.run("memtouch 640", Duration::from_secs(600))?;
+    check(
+        touched.contains(", 0 bad words"),
+        &guest,
+        format!("pattern check: {touched}"),
+    )?;
+    let (d0, d1) = (
+        dimm(&guest, "d0")?.ok_or_else(|| guest.failure("d0 is gone"))?,
+        dimm(&guest, "d1")?.ok_or_else(|| guest.failure("d1 is gone"))?,
+    );
+    check(
+        d0.state == DimmState::Active && d1.state == DimmState::Active,
+        &guest,
+        format!("DIMMs not active: {:?} {:?}", d0.state, d1.state),
+    )?;
+    let victim = if d0.resident_bytes >= d1.resident_bytes {
+        d0
+    } else {
+        d1
+    };
+    let resident_mib = victim.resident_bytes >> 20;
+    check(
+        resident_mib >= 64,
+        &guest,
+        format!(
+            "only {resident_mib} MiB of {} resident after the guest wrote 640 MiB",
+            victim.id
+        ),
+    )?;
+    let rss_before = guest.vmm_rss_kib()? / 1024;
+    let (rc, out) = ctl_long(
+        &guest,
+        &format!("dimm-del {} --wait --timeout 150", victim.id),
+    )?;
+    check(
+        rc == 0,
+        &guest,
+        format!("dimm-del {} failed ({rc}): {out}", victim.id),
+    )?;
+    eprintln!("{}", out.lines().last().unwrap_or(""));
+    let after = mem_total_kib(&guest)?;
+    check(
+        after - before == GIB_KIB,
+        &guest,
+        format!(
+            "MemTotal is {} KiB above boot with one DIMM left",
+            after - before
+        ),
+    )?;
+    let rss_after = guest.vmm_rss_kib()? / 1024;
+    eprintln!(
+        "tidevm RSS {rss_before} -> {rss_after} MiB after removing {} ({resident_mib} MiB resident)",
+        victim.id
+    );
+    check(
+        rss_before - rss_after >= resident_mib * 8 / 10,
+        &guest,
+        format!(
+            "RSS fell by {} MiB, less than 80% of the {resident_mib} MiB the DIMM held",
+            rss_before - rss_after
+        ),
+    )?;
+    check(
+        dimm(&guest, &victim.id)?.is_none(),
+        &guest,
+        "the removed DIMM is still listed",
+    )?;
+    // The slot and the room are free again.
+    add(&guest, "1G", "d2")?;
+    check(
+        wait_mem_total(&guest, before + 2 * GIB_KIB)? == before + 2 * GIB_KIB,
+        &guest,
+        "a DIMM added after a removal did not come online",
+    )?;
+    finish(&guest)
+}
+
+/// A DIMM survives a reboot (the guest finds it in its boot-time ACPI scan); an eject the
+/// guest refuses leaves it in place and the VM running; once allowed, the eject goes through.
+fn reboot_and_refused_eject(lane: &Lane) -> Result<()> {
+    let guest = boot_with_slots(lane, "512M,slots=2,maxmem=2G")?;
+    let before = mem_total_kib(&guest)?;
+    add(&guest, "512M", "d0")?;
+    check(
+        wait_mem_total(&guest, before + GIB_KIB / 2)? == before + GIB_KIB / 2,
+        &guest,
+        "MemTotal did not grow by 512 MiB",
+    )?;
+
+    let mark = guest.console_len()?;
+    guest.send_line("reboot")?;
+    guest.wait_ready_from(mark, BOOT)?;
+    let rebooted = wait_mem_total(&guest, before + GIB_KIB / 2)?;
+    check(
+        rebooted == before + GIB_KIB / 2,
+        &guest,
+        format!(
+            "after the reboot MemTotal is {rebooted} KiB, expected {} KiB with the DIMM",
+            before + GIB_KIB / 2
+        ),
+    )?;
+    let state = dimm(&guest, "d0")?.map(|d| d.state);
+    check(
+        state == Some(DimmState::Active),
+        &guest,
+        format!("d0 after the reboot: {state:?}"),
+    )?;
+
+    // The guest refuses: memory hot-remove switched off in its ACPI layer.
+    guest.run("echo 0 > /sys/firmware/acpi/hotplug/memory/enabled", CMD)?;
+    let (rc, out) = ctl_long(&guest, "dimm-del d0 --wait --timeout 120")?;
+    check(
+        rc != 0 && out.contains("refused"),
+        &guest,
+        format!("a refused eject was not reported ({rc}): {out}"),
+    )?;
+    eprintln!("refused eject: {}", out.lines().last().unwrap_or(""));
+    let kept = dimm(&guest, "d0")?.ok_or_else(|| guest.failure("d0 vanished"))?;
+    check(
+        kept.state == DimmState::Active && kept.removal_refused.is_some(),
+        &guest,
+        format!(
+            "after the refusal d0 is {:?} ({:?})",
+            kept.state, kept.removal_refused
+        ),
+    )?;
+    check(
+        mem_total_kib(&guest)? == before + GIB_KIB / 2,
+        &guest,
+        "MemTotal changed although the eject was refused",
+    )?;
+    let touched = guest.run("memtouch 64", Duration::from_secs(300))?;
+    check(
+        touched.contains(", 0 bad words"),
+        &guest,
+        format!("the guest is not well after the refusal: {touched}"),
+    )?;
+
+    guest.run("echo 1 > /sys/firmware/acpi/hotplug/memory/enabled", CMD)?;
+    let (rc, out) = ctl_long(&guest, "dimm-del d0 --wait --timeout 150")?;
+    check(rc == 0, &guest, format!("dimm-del d0 failed ({rc}): {out}"))?;
+    check(
+        mem_total_kib(&guest)? == before,
+        &guest,
+        "MemTotal not back to boot size after the eject",
+    )?;
+    finish(&guest)
+}
