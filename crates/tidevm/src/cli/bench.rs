@@ -32,7 +32,10 @@ enum BenchCommand {
     /// virtio-mem: time from the API request until the guest has plugged SIZE, and back to
     /// 0; tidevm's own share of that time; host RSS.
     VirtioMem(super::bench_virtio_mem::VirtioMemArgs),
-    // Extension point: `Balloon(BalloonArgs)` and `Dimm(DimmArgs)` go here, each with a
+    /// ACPI DIMM: time from the API request until the guest has a DIMM of SIZE online, and
+    /// until it has ejected it; host RSS.
+    Dimm(super::bench_dimm::DimmArgs),
+    // Extension point: `Balloon(BalloonArgs)` goes here, with a
     // `fn(&Lane, &Args) -> Vec<RunRecord>`.
 }
 
@@ -87,6 +90,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
             &mem.common,
             json!({ "size": mem.size, "memory": mem.memory }),
             super::bench_virtio_mem::run(&lane, mem),
+        ),
+        BenchCommand::Dimm(dimm) => (
+            "dimm",
+            &dimm.common,
+            json!({ "size": dimm.size, "memory": dimm.memory }),
+            super::bench_dimm::run(&lane, dimm),
         ),
     };
     print_report(name, &lane, common, &params, &records);
