@@ -76,10 +76,11 @@ fn inflate_deflate(lane: &Lane) -> Result<()> {
         &guest,
         format!("balloon-stats: {stats}"),
     )?;
-    if !stats.contains("free_memory") {
-        // Known gap (see the issue note): the guest's statistics do not arrive yet.
-        eprintln!("NOTE: no guest statistics in balloon-stats yet");
-    }
+    check(
+        stats.contains("\"free_memory\"") && stats.contains("\"age_seconds\""),
+        &guest,
+        format!("no guest statistics in balloon-stats: {stats}"),
+    )?;
 
     let (rc, out) = lane_ctl("balloon 0 --wait --timeout 280", 300)?;
     check(rc == 0, &guest, format!("deflate: {out}"))?;

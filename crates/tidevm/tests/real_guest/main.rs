@@ -30,19 +30,9 @@ fn main() {
         .iter()
         .chain(virtio_mem::SCENARIOS)
         .chain(dimm::SCENARIOS)
+        .chain(balloon::SCENARIOS)
         .copied()
         .collect();
-    // The balloon scenario is opt-in (TIDEVM_BALLOON_SCENARIO=1) until it is stable in the
-    // nested lane: see the note on the balloon issue.
-    let scenarios: Vec<(&str, Scenario)> = if std::env::var_os("TIDEVM_BALLOON_SCENARIO").is_some()
-    {
-        scenarios
-            .into_iter()
-            .chain(balloon::SCENARIOS.iter().copied())
-            .collect()
-    } else {
-        scenarios
-    };
     let selected: Vec<_> = scenarios
         .into_iter()
         .filter(|(name, _)| filter.as_deref().is_none_or(|f| name.contains(f)))
