@@ -120,6 +120,43 @@ fn kernel_that_is_not_an_elf() {
 }
 
 #[test]
+fn dimm_slots_without_maxmem() {
+    let kernel = junk_kernel("dimm-slots");
+    for (memory, names) in [
+        ("size=1G,slots=4", &["slots", "maxmem"][..]),
+        ("size=1G,slots=4,maxmem=1G", &["maxmem"][..]),
+        ("size=1G,slots=9999,maxmem=4G", &["slots"][..]),
+    ] {
+        expect_error(
+            &[
+                "run",
+                "--kernel",
+                kernel.0.to_str().unwrap(),
+                "--memory",
+                memory,
+                "--serial",
+                "off",
+            ],
+            names,
+        );
+    }
+}
+
+#[test]
+fn ctl_dimm_add_with_a_bad_size() {
+    expect_error(
+        &[
+            "ctl",
+            "--api-socket",
+            "/nonexistent/tidevm.sock",
+            "dimm-add",
+            "lots",
+        ],
+        &["lots"],
+    );
+}
+
+#[test]
 fn bad_size_string() {
     let kernel = junk_kernel("bad-size");
     expect_error(
