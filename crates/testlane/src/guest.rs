@@ -324,6 +324,16 @@ impl<'lane> Guest<'lane> {
 
     /// Runs `tidevm ctl --api-socket <sock> <args>` in the lane.
     pub fn ctl(&self, args: &[&str]) -> Result<(i32, String)> {
+        self.lane_sh(&self.ctl_script(args), QUICK)
+    }
+
+    /// Like [`Guest::ctl`], for commands that wait (`--wait`): allowed `timeout`, and with
+    /// stderr in the output, where `tidevm ctl` reports why a wait failed.
+    pub fn ctl_waiting(&self, args: &[&str], timeout: Duration) -> Result<(i32, String)> {
+        self.lane_sh(&format!("{} 2>&1", self.ctl_script(args)), timeout)
+    }
+
+    fn ctl_script(&self, args: &[&str]) -> String {
         let mut script = format!(
             "{} ctl --api-socket {}",
             shell_quote(self.lane.lane_tidevm()),
@@ -333,7 +343,7 @@ impl<'lane> Guest<'lane> {
             script.push(' ');
             script.push_str(&shell_quote(arg));
         }
-        self.lane_sh(&script, QUICK)
+        script
     }
 
     /// VmRSS of the VMM process in KiB.

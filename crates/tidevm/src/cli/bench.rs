@@ -349,6 +349,55 @@ fn guest_dir(guest: &Guest<'_>) -> String {
     }
 }
 
+/// `runs` records that all failed with `error` (the scenario could not even start).
+pub(super) fn failed_runs(runs: u32, error: &str) -> Vec<RunRecord> {
+    (0..runs)
+        .map(|_| RunRecord {
+            result: Err(error.to_string()),
+            notes: Vec::new(),
+        })
+        .collect()
+}
+
+/// Boots a guest with `options` and waits for its ready marker; on failure the guest is gone
+/// and the error is one line.
+pub(super) fn boot_ready<'lane>(
+    lane: &'lane Lane,
+    options: &GuestOptions,
+) -> Result<Guest<'lane>, String> {
+    let guest = lane.boot_guest(options).map_err(|e| one_line(&e))?;
+    if let Err(e) = guest.wait_ready(lane.scaled(Duration::from_secs(40))) {
+        let _ = guest.kill();
+        return Err(one_line(&e));
+    }
+    Ok(guest)
+}
+
+/// Runs `tidevm ctl <args> --wait` in the lane and returns the time it reports on its last
+/// "... after N s" line: measured inside the lane from just before its API request until
+/// the wait ended, so no agent round trip is included.
+pub(super) fn timed_ctl_wait(guest: &Guest<'_>, args: &[&str]) -> Result<f64, String> {
+    let mut args = args.to_vec();
+    args.extend(["--wait", "--timeout", "280"]);
+    let (rc, out) = guest
+        .ctl_waiting(&args, Duration::from_secs(300))
+        .map_err(|e| one_line(&e))?;
+    if rc != 0 {
+        return Err(format!(
+            "{} did not complete: {}",
+            args.join(" "),
+            out.trim()
+        ));
+    }
+    out.lines()
+        .rev()
+        .find_map(|line| {
+            let seconds = line.split(" after ").nth(1)?.trim_end_matches(" s");
+            seconds.parse::<f64>().ok()
+        })
+        .ok_or_else(|| format!("no timing in {out:?}"))
+}
+
 /// The first line of an error (lane errors append console tails).
 pub(super) fn one_line(error: &impl std::fmt::Display) -> String {
     error.to_string().lines().next().unwrap_or("").to_string()

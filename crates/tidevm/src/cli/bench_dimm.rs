@@ -7,7 +7,10 @@ use std::time::Duration;
 use clap::Args;
 use tidevm_testlane::{Guest, GuestOptions, Lane};
 
-use super::bench::{one_line, read_host_rss, CommonArgs, Metric, RunRecord, Unit};
+use super::bench::{
+    boot_ready, failed_runs, one_line, read_host_rss, timed_ctl_wait, CommonArgs, Metric,
+    RunRecord, Unit,
+};
 
 /// Options of `tidevm bench dimm`.
 #[derive(Debug, Args)]
@@ -24,19 +27,12 @@ pub struct DimmArgs {
 
 /// Boots one guest with DIMM slots and adds and removes a DIMM `runs` times.
 pub(super) fn run(lane: &Lane, args: &DimmArgs) -> Vec<RunRecord> {
-    let failed_all = |error: String| {
-        (0..args.common.runs)
-            .map(|_| RunRecord {
-                result: Err(error.clone()),
-                notes: Vec::new(),
-            })
-            .collect()
-    };
+    let runs = args.common.runs;
     let Some(size) = tidevm_api::parse_byte_size(&args.size) else {
-        return failed_all(format!("invalid --size {}", args.size));
+        return failed_runs(runs, &format!("invalid --size {}", args.size));
     };
     let Some(boot) = tidevm_api::parse_byte_size(&args.memory) else {
-        return failed_all(format!("invalid --memory {}", args.memory));
+        return failed_runs(runs, &format!("invalid --memory {}", args.memory));
     };
     let options = GuestOptions {
         memory: format!(
@@ -46,18 +42,14 @@ pub(super) fn run(lane: &Lane, args: &DimmArgs) -> Vec<RunRecord> {
         ),
         ..GuestOptions::default()
     };
-    let guest = match lane.boot_guest(&options) {
+    let guest = match boot_ready(lane, &options) {
         Ok(guest) => guest,
-        Err(e) => return failed_all(one_line(&e)),
+        Err(e) => return failed_runs(runs, &e),
     };
-    if let Err(e) = guest.wait_ready(lane.scaled(Duration::from_secs(40))) {
-        let _ = guest.kill();
-        return failed_all(one_line(&e));
-    }
     let records = (1..=args.common.runs)
         .map(|run| {
             eprintln!("==== bench dimm: run {run}/{} ====", args.common.runs);
-            let result = add_remove_round(lane, &guest, &args.size, size, run);
+            let result = add_remove_round(&guest, &args.size, size, run);
             if let Err(error) = &result {
                 eprintln!("bench dimm: run {run} failed: {error}");
             }
@@ -71,29 +63,6 @@ pub(super) fn run(lane: &Lane, args: &DimmArgs) -> Vec<RunRecord> {
     records
 }
 
-/// Runs `ctl <args> --wait` in the lane and returns the time it reports ("... after N s"),
-/// measured inside the lane from just before its API request.
-fn timed_ctl(lane: &Lane, guest: &Guest<'_>, args: &str) -> Result<f64, String> {
-    let script = format!(
-        "{} ctl --api-socket {} {args} --wait --timeout 280 2>&1",
-        lane.lane_tidevm(),
-        guest.api_socket()
-    );
-    let (rc, out) = lane
-        .sh(&script, Duration::from_secs(300))
-        .map_err(|e| one_line(&e))?;
-    if rc != 0 {
-        return Err(format!("{args} did not complete: {}", out.trim()));
-    }
-    out.lines()
-        .rev()
-        .find_map(|line| {
-            let seconds = line.split(" after ").nth(1)?.trim_end_matches(" s");
-            seconds.parse::<f64>().ok()
-        })
-        .ok_or_else(|| format!("no timing in {out:?}"))
-}
-
 fn mem_total_kib(guest: &Guest<'_>) -> Result<u64, String> {
     let line = guest
         .run("grep MemTotal /proc/meminfo", Duration::from_secs(60))
@@ -105,7 +74,6 @@ fn mem_total_kib(guest: &Guest<'_>) -> Result<u64, String> {
 }
 
 fn add_remove_round(
-    lane: &Lane,
     guest: &Guest<'_>,
     size_text: &str,
     size: u64,
@@ -116,7 +84,7 @@ fn add_remove_round(
     let id = format!("bench{run}");
     // The guest acknowledges the insertion (`_OST`) after it has added and onlined the
     // memory, so `--wait` ends when MemTotal has grown; checked right after.
-    let add = timed_ctl(lane, guest, &format!("dimm-add {size_text} --id {id}"))?;
+    let add = timed_ctl_wait(guest, &["dimm-add", size_text, "--id", &id])?;
     let grown = mem_total_kib(guest)?;
     if grown - before != size >> 10 {
         return Err(format!(
@@ -126,7 +94,7 @@ fn add_remove_round(
         ));
     }
     let (_, _, rss_plugged) = read_host_rss(guest)?;
-    let remove = timed_ctl(lane, guest, &format!("dimm-del {id}"))?;
+    let remove = timed_ctl_wait(guest, &["dimm-del", &id])?;
     let (_, _, rss_after) = read_host_rss(guest)?;
     if mem_total_kib(guest)? != before {
         return Err("MemTotal did not come back after the removal".into());

@@ -8,7 +8,10 @@ use clap::Args;
 use serde_json::Value;
 use tidevm_testlane::{Guest, GuestOptions, Lane};
 
-use super::bench::{one_line, read_host_rss, CommonArgs, Metric, RunRecord, Unit};
+use super::bench::{
+    boot_ready, failed_runs, one_line, read_host_rss, timed_ctl_wait, CommonArgs, Metric,
+    RunRecord, Unit,
+};
 
 /// Options of `tidevm bench virtio-mem`.
 #[derive(Debug, Args)]
@@ -30,26 +33,14 @@ pub(super) fn run(lane: &Lane, args: &VirtioMemArgs) -> Vec<RunRecord> {
         extra_args: vec!["--virtio-mem".into(), "id=mem0,size=8G".into()],
         ..GuestOptions::default()
     };
-    let failed_all = |error: String| {
-        (0..args.common.runs)
-            .map(|_| RunRecord {
-                result: Err(error.clone()),
-                notes: Vec::new(),
-            })
-            .collect()
-    };
-    let guest = match lane.boot_guest(&options) {
+    let guest = match boot_ready(lane, &options) {
         Ok(guest) => guest,
-        Err(e) => return failed_all(one_line(&e)),
+        Err(e) => return failed_runs(args.common.runs, &e),
     };
-    if let Err(e) = guest.wait_ready(lane.scaled(Duration::from_secs(40))) {
-        let _ = guest.kill();
-        return failed_all(one_line(&e));
-    }
     let records = (1..=args.common.runs)
         .map(|run| {
             eprintln!("==== bench virtio-mem: run {run}/{} ====", args.common.runs);
-            let result = resize_round(lane, &guest, &args.size);
+            let result = resize_round(&guest, &args.size);
             if let Err(error) = &result {
                 eprintln!("bench virtio-mem: run {run} failed: {error}");
             }
@@ -79,36 +70,18 @@ fn handling_ns(counters: &Value) -> f64 {
         + counters["unplug_handling_ns"].as_u64().unwrap_or(0)) as f64
 }
 
-/// Resizes to `size` through the API and waits for the guest; returns the lane-side time.
-fn timed_resize(lane: &Lane, guest: &Guest<'_>, size: &str) -> Result<f64, String> {
-    // `resize-mem --wait` times itself from just before its API request until the device
-    // reports the new plugged size, inside the lane: no agent round trip is included.
-    let script = format!(
-        "{} ctl --api-socket {} resize-mem mem0 {size} --wait --timeout 280 2>&1",
-        lane.lane_tidevm(),
-        guest.api_socket()
-    );
-    let (rc, out) = lane
-        .sh(&script, Duration::from_secs(300))
-        .map_err(|e| one_line(&e))?;
-    if rc != 0 {
-        return Err(format!("resize to {size} did not complete: {}", out.trim()));
-    }
-    out.lines()
-        .rev()
-        .find_map(|line| {
-            let seconds = line.split(" after ").nth(1)?.trim_end_matches(" s");
-            seconds.parse::<f64>().ok()
-        })
-        .ok_or_else(|| format!("no timing in {out:?}"))
+/// Resizes to `size` through the API and waits for the device to report it plugged;
+/// returns the lane-side time.
+fn timed_resize(guest: &Guest<'_>, size: &str) -> Result<f64, String> {
+    timed_ctl_wait(guest, &["resize-mem", "mem0", size])
 }
 
-fn resize_round(lane: &Lane, guest: &Guest<'_>, size: &str) -> Result<Vec<Metric>, String> {
+fn resize_round(guest: &Guest<'_>, size: &str) -> Result<Vec<Metric>, String> {
     let (_, _, rss_before) = read_host_rss(guest)?;
     let before = counters(guest)?;
-    let plug = timed_resize(lane, guest, size)?;
+    let plug = timed_resize(guest, size)?;
     let plugged = counters(guest)?;
-    let unplug = timed_resize(lane, guest, "0")?;
+    let unplug = timed_resize(guest, "0")?;
     let after = counters(guest)?;
     let (_, _, rss_after) = read_host_rss(guest)?;
     let plug_vmm = (handling_ns(&plugged) - handling_ns(&before)) / 1e9;

@@ -40,14 +40,8 @@ fn inflate_deflate(lane: &Lane) -> Result<()> {
     let rss_used = rss_mib(&guest)?;
 
     let lane_ctl = |args: &str, timeout: u64| {
-        lane.sh(
-            &format!(
-                "{} ctl --api-socket {} {args} 2>&1",
-                lane.lane_tidevm(),
-                guest.api_socket()
-            ),
-            Duration::from_secs(timeout),
-        )
+        let args: Vec<&str> = args.split_whitespace().collect();
+        guest.ctl_waiting(&args, Duration::from_secs(timeout))
     };
     let (rc, out) = lane_ctl("balloon 512M --wait --timeout 280", 300)?;
     check(rc == 0, &guest, format!("inflate by 512 MiB: {out}"))?;

@@ -28,15 +28,8 @@ fn boot_with_slots<'a>(lane: &'a Lane, memory: &str) -> Result<Guest<'a>> {
 
 /// `tidevm ctl ...` in the lane with a timeout long enough for `--wait`.
 fn ctl_long(guest: &Guest, args: &str) -> Result<(i32, String)> {
-    let lane = guest.lane();
-    lane.sh(
-        &format!(
-            "{} ctl --api-socket {} {args} 2>&1",
-            lane.lane_tidevm(),
-            guest.api_socket()
-        ),
-        Duration::from_secs(200),
-    )
+    let args: Vec<&str> = args.split_whitespace().collect();
+    guest.ctl_waiting(&args, Duration::from_secs(200))
 }
 
 fn info(guest: &Guest) -> Result<VmInfo> {

@@ -58,13 +58,10 @@ pub fn finish(guest: &Guest) -> Result<()> {
 pub fn resize(guest: &Guest, id: &str, size: &str) -> Result<String> {
     // Unplugging gigabytes in the nested lane takes a while: more than the harness's quick
     // command timeout, so call the CLI through the lane with a longer one.
-    let lane = guest.lane();
-    let command = format!(
-        "{} ctl --api-socket {} resize-mem {id} {size} --wait --timeout 280 2>&1",
-        lane.lane_tidevm(),
-        guest.api_socket()
-    );
-    let (rc, out) = lane.sh(&command, Duration::from_secs(300))?;
+    let (rc, out) = guest.ctl_waiting(
+        &["resize-mem", id, size, "--wait", "--timeout", "280"],
+        Duration::from_secs(300),
+    )?;
     check(
         rc == 0,
         guest,
