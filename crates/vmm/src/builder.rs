@@ -154,9 +154,27 @@ pub struct DimmHotplug {
     /// Guest-physical range DIMMs are placed in.
     pub area: GuestRange,
     /// The register block behind `\_SB.MHPC`.
-    pub controller: Arc<Mutex<MemoryHotplugController>>,
+    controller: Arc<Mutex<MemoryHotplugController>>,
     /// Hotplug region of each occupied slot.
     pub regions: std::collections::BTreeMap<u32, HotplugRegionId>,
+    /// The GED, which carries the controller's events to the guest.
+    ged: Arc<Mutex<GedDevice>>,
+}
+
+impl DimmHotplug {
+    /// The controller, locked.
+    pub fn controller(&self) -> std::sync::MutexGuard<'_, MemoryHotplugController> {
+        self.controller.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes the guest scan the slots for insert and remove events.
+    pub fn notify_guest(&self) {
+        let _ = self
+            .ged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .notify(crate::devices::ged::event::MEMORY_HOTPLUG);
+    }
 }
 
 /// The host backing of a hotplug region configured as `backing`.
@@ -193,6 +211,7 @@ fn attach_dimms(
     vm_fd: &Arc<VmFd>,
     memory: &mut MemoryManager,
     mmio_bus: &Bus,
+    ged: &Arc<Mutex<GedDevice>>,
     exit: &ExitRequester,
 ) -> Result<Option<DimmHotplug>, BuildError> {
     let Some(area) = dimm_area(config, layout) else {
@@ -238,6 +257,7 @@ fn attach_dimms(
         area,
         controller,
         regions,
+        ged: ged.clone(),
     }))
 }
 
@@ -280,7 +300,7 @@ pub fn build_vm(
         &mut memory,
         &mut attacher,
     )?;
-    let dimms = attach_dimms(config, &layout, &vm_fd, &mut memory, &mmio_bus, exit)?;
+    let dimms = attach_dimms(config, &layout, &vm_fd, &mut memory, &mmio_bus, &ged, exit)?;
     let hotplug_ranges = Arc::new(
         virtio_mem
             .iter()

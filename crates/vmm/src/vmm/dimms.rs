@@ -7,12 +7,31 @@ use tidevm_api::{
     OstReport,
 };
 
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+
 use super::Vmm;
 use crate::arch::x86_64::layout::GuestRange as Range;
-use crate::builder::host_backing;
+use crate::builder::{host_backing, DimmHotplug, RunningVm};
 use crate::config::{format_size, DimmConfig, HotplugBacking, DIMM_ALIGN};
-use crate::devices::ged::event;
 use crate::devices::memory_hotplug::{ost_meaning, DimmSlot};
+use crate::memory::MemoryManager;
+
+/// What a DIMM request needs of the running VM: its DIMM hotplug, its memory manager and
+/// the VM fd.
+fn dimm_parts(
+    vm: &mut Option<RunningVm>,
+) -> Result<(&mut DimmHotplug, &mut MemoryManager, &Arc<VmFd>), ApiError> {
+    let vm = vm
+        .as_mut()
+        .ok_or_else(|| ApiError::conflict("the VM is not running"))?;
+    let dimms = vm
+        .dimms
+        .as_mut()
+        .ok_or_else(|| ApiError::internal("the DIMM controller is missing"))?;
+    Ok((dimms, &mut vm.memory, &vm.vm_fd))
+}
 
 fn backing_of(api: DimmBacking) -> HotplugBacking {
     match api {
@@ -93,13 +112,7 @@ impl Vmm {
         if self.config.dimms.iter().any(|d| d.id == id) {
             return Err(ApiError::conflict(format!("a DIMM with id {id} exists")));
         }
-        let vm = self
-            .vm
-            .as_mut()
-            .ok_or_else(|| ApiError::conflict("the VM is not running"))?;
-        let Some(dimms) = vm.dimms.as_mut() else {
-            return Err(ApiError::internal("the DIMM controller is missing"));
-        };
+        let (dimms, memory, vm_fd) = dimm_parts(&mut self.vm)?;
         let used: Vec<Range> = self
             .config
             .dimms
@@ -117,9 +130,8 @@ impl Vmm {
         })?;
         let range = Range { start, size };
         let backing = backing_of(request.backing);
-        let region = vm
-            .memory
-            .add_dimm(&vm.vm_fd, range, host_backing(backing), request.prealloc)
+        let region = memory
+            .add_dimm(vm_fd, range, host_backing(backing), request.prealloc)
             .map_err(|e| {
                 ApiError::new(
                     503,
@@ -131,16 +143,8 @@ impl Vmm {
                 )
             })?;
         dimms.regions.insert(slot, region);
-        dimms
-            .controller
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(slot, range, node, false);
-        let _ = vm
-            .ged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .notify(event::MEMORY_HOTPLUG);
+        dimms.controller().insert(slot, range, node, false);
+        dimms.notify_guest();
         self.config.dimms.push(DimmConfig {
             id: id.clone(),
             slot,
@@ -162,28 +166,13 @@ impl Vmm {
     /// Asks the guest to eject a DIMM. The memory goes when the guest calls `_EJ0`.
     pub(super) fn remove_dimm(&mut self, id: &str) -> Result<ApiResponse, ApiError> {
         let slot = self.config.dimms[self.dimm_config_index(id)?].slot;
-        let vm = self
-            .vm
-            .as_mut()
-            .ok_or_else(|| ApiError::conflict("the VM is not running"))?;
-        let Some(dimms) = vm.dimms.as_mut() else {
-            return Err(ApiError::internal("the DIMM controller is missing"));
-        };
-        let requested = dimms
-            .controller
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .request_removal(slot);
-        if !requested {
+        let (dimms, _, _) = dimm_parts(&mut self.vm)?;
+        if !dimms.controller().request_removal(slot) {
             return Err(ApiError::conflict(format!(
                 "DIMM {id} is already being ejected"
             )));
         }
-        let _ = vm
-            .ged
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .notify(event::MEMORY_HOTPLUG);
+        dimms.notify_guest();
         tracing::info!("DIMM {id}: the guest is asked to eject it");
         self.dimm_info(id)
             .map(ApiResponse::Dimm)
@@ -192,36 +181,22 @@ impl Vmm {
 
     /// The guest ejected the DIMM in `slot`: its memory slot and host memory go away.
     pub(super) fn dimm_ejected(&mut self, slot: u32) {
-        let Some(vm) = self.vm.as_mut() else {
-            return;
-        };
-        let Some(dimms) = vm.dimms.as_mut() else {
+        let Ok((dimms, memory, _)) = dimm_parts(&mut self.vm) else {
             return;
         };
         let Some(region) = dimms.regions.remove(&slot) else {
             return;
         };
-        if let Err(e) = vm.memory.remove_dimm(region) {
+        if let Err(e) = memory.remove_dimm(region) {
             // The guest no longer uses it; whatever is left is only host memory.
             tracing::error!(
                 "DIMM slot {slot}: cannot release its memory: {}",
                 crate::error_chain(&e)
             );
         }
-        dimms
-            .controller
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .release(slot);
-        let removed: Vec<DimmConfig> = self
-            .config
-            .dimms
-            .iter()
-            .filter(|d| d.slot == slot)
-            .cloned()
-            .collect();
-        self.config.dimms.retain(|d| d.slot != slot);
-        for dimm in removed {
+        dimms.controller().release(slot);
+        if let Some(index) = self.config.dimms.iter().position(|d| d.slot == slot) {
+            let dimm = self.config.dimms.remove(index);
             tracing::info!(
                 "DIMM {}: ejected by the guest, {} returned to the host",
                 dimm.id,
@@ -238,12 +213,7 @@ impl Vmm {
     pub(super) fn dimms_info(&self) -> Option<DimmsInfo> {
         let vm = self.vm.as_ref()?;
         let dimms = vm.dimms.as_ref()?;
-        let slots: Vec<DimmSlot> = dimms
-            .controller
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .slots()
-            .to_vec();
+        let slots: Vec<DimmSlot> = dimms.controller().slots().to_vec();
         let infos = self
             .config
             .dimms
