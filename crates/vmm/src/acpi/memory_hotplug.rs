@@ -170,25 +170,38 @@ fn notify_method(slots: u32) -> Owned {
     encode(&Method::new("MTFY".into(), 2, false, body))
 }
 
+/// A method on the slot in `Arg0`: under the lock, select the slot and run `body`; after
+/// releasing the lock, return `result` if there is one.
+fn slot_method(
+    name: &str,
+    args: u8,
+    serialized: bool,
+    body: &[&dyn Aml],
+    result: Option<&dyn Aml>,
+) -> Owned {
+    let f_msel = Path::new("MSEL");
+    let select = Store::new(&f_msel, &Arg(0));
+    let (acquire, release) = (acquire(), release());
+    let ret = result.map(Return::new);
+    let mut statements: Vec<&dyn Aml> = vec![&acquire, &select];
+    statements.extend_from_slice(body);
+    statements.push(&release);
+    if let Some(ret) = &ret {
+        statements.push(ret);
+    }
+    encode(&Method::new(name.into(), args, serialized, statements))
+}
+
 /// `MSTA(slot)`: 0xF (present, enabled, shown, functioning) when the slot holds a DIMM.
 fn status_method() -> Owned {
     let f_mes = Path::new("MES_");
-    let f_msel = Path::new("MSEL");
-    let select = Store::new(&f_msel, &Arg(0));
     let result = Local(0);
     let absent = Store::new(&result, &aml::ZERO);
     let enabled = Equal::new(&f_mes, &aml::ONE);
     let present = 0x0fu8;
     let set_present = Store::new(&result, &present);
     let when_enabled = If::new(&enabled, vec![&set_present]);
-    let ret = Return::new(&result);
-    let (acquire, release) = (acquire(), release());
-    encode(&Method::new(
-        "MSTA".into(),
-        1,
-        false,
-        vec![&acquire, &select, &absent, &when_enabled, &release, &ret],
-    ))
+    slot_method("MSTA", 1, false, &[&absent, &when_enabled], Some(&result))
 }
 
 /// `MCRS(slot)`: a QWordMemory resource with the DIMM's range.
@@ -201,7 +214,6 @@ fn resources_method() -> Owned {
     let f_mrbl = Path::new("MRBL");
     let f_mrlh = Path::new("MRLH");
     let f_mrll = Path::new("MRLL");
-    let f_msel = Path::new("MSEL");
     // Placeholder values; the method patches min, max and length (byte offsets 14, 22, 38
     // of a QWord address space descriptor).
     let template_range = AddressSpace::new_memory(
@@ -217,7 +229,6 @@ fn resources_method() -> Owned {
     let create_min = CreateQWordField::new(&f_minl, &f_mr64, &min_at);
     let create_max = CreateQWordField::new(&f_maxl, &f_mr64, &max_at);
     let create_len = CreateQWordField::new(&f_lenl, &f_mr64, &len_at);
-    let select = Store::new(&f_msel, &Arg(0));
     let high = Local(0);
     let thirty_two = 32u8;
     let base_high = ShiftLeft::new(&high, &f_mrbh, &thirty_two);
@@ -227,77 +238,47 @@ fn resources_method() -> Owned {
     let end = Local(1);
     let past_end = Add::new(&end, &f_minl, &f_lenl);
     let last = Subtract::new(&f_maxl, &end, &aml::ONE);
-    let ret = Return::new(&f_mr64);
-    let (acquire, release) = (acquire(), release());
-    encode(&Method::new(
-        "MCRS".into(),
+    slot_method(
+        "MCRS",
         1,
         true,
-        vec![
+        &[
             &named,
             &create_min,
             &create_max,
             &create_len,
-            &acquire,
-            &select,
             &base_high,
             &base,
             &len_high,
             &len,
             &past_end,
             &last,
-            &release,
-            &ret,
         ],
-    ))
+        Some(&f_mr64),
+    )
 }
 
 /// `MPXM(slot)`: the DIMM's proximity domain.
 fn proximity_method() -> Owned {
     let f_mpx = Path::new("MPX_");
-    let f_msel = Path::new("MSEL");
-    let select = Store::new(&f_msel, &Arg(0));
     let read = Store::new(&Local(0), &f_mpx);
-    let ret = Return::new(&Local(0));
-    let (acquire, release) = (acquire(), release());
-    encode(&Method::new(
-        "MPXM".into(),
-        1,
-        false,
-        vec![&acquire, &select, &read, &release, &ret],
-    ))
+    slot_method("MPXM", 1, false, &[&read], Some(&Local(0)))
 }
 
 /// `MOST(slot, event, status, info)`: hands the guest's `_OST` to the VMM.
 fn ost_method() -> Owned {
     let f_moev = Path::new("MOEV");
     let f_mosc = Path::new("MOSC");
-    let f_msel = Path::new("MSEL");
-    let select = Store::new(&f_msel, &Arg(0));
     let event = Store::new(&f_moev, &Arg(1));
     let status = Store::new(&f_mosc, &Arg(2));
-    let (acquire, release) = (acquire(), release());
-    encode(&Method::new(
-        "MOST".into(),
-        4,
-        false,
-        vec![&acquire, &select, &event, &status, &release],
-    ))
+    slot_method("MOST", 4, false, &[&event, &status], None)
 }
 
 /// `MEJ0(slot, arg)`: the eject.
 fn eject_method() -> Owned {
     let f_mej = Path::new("MEJ_");
-    let f_msel = Path::new("MSEL");
-    let select = Store::new(&f_msel, &Arg(0));
     let eject = Store::new(&f_mej, &aml::ONE);
-    let (acquire, release) = (acquire(), release());
-    encode(&Method::new(
-        "MEJ0".into(),
-        2,
-        false,
-        vec![&acquire, &select, &eject, &release],
-    ))
+    slot_method("MEJ0", 2, false, &[&eject], None)
 }
 
 /// `MPxx`: one PNP0C80 memory device whose methods forward to the container's.
