@@ -56,19 +56,27 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn vm() -> Option<Arc<VmFd>> {
-        let kvm = kvm_ioctls::Kvm::new().ok()?;
-        kvm.create_vm().ok().map(Arc::new)
+    /// A manager with 256 MiB of boot RAM registered with a fresh VM, or `None` (and a loud
+    /// SKIPPED) when this host has no usable /dev/kvm.
+    fn manager_with_vm() -> Option<(MemoryManager, Arc<VmFd>)> {
+        let vm = kvm_ioctls::Kvm::new()
+            .ok()
+            .and_then(|kvm| kvm.create_vm().ok())
+            .map(Arc::new);
+        let Some(vm) = vm else {
+            println!("SKIPPED: /dev/kvm is not usable here");
+            return None;
+        };
+        let mut mm = MemoryManager::new(GuestLayout::new(256 * MIB)).unwrap();
+        mm.register_boot_ram(&vm).unwrap();
+        Some((mm, vm))
     }
 
     #[test]
     fn a_dimm_is_one_slot_and_leaves_no_trace() {
-        let Some(vm) = vm() else {
-            println!("SKIPPED: /dev/kvm is not usable here");
+        let Some((mut mm, vm)) = manager_with_vm() else {
             return;
         };
-        let mut mm = MemoryManager::new(GuestLayout::new(256 * MIB)).unwrap();
-        mm.register_boot_ram(&vm).unwrap();
         let boot_slots = mm.slots().len();
         let base = mm.layout().hotplug_area.start + (1 << 30);
         let range = GuestRange {
@@ -110,12 +118,9 @@ mod tests {
 
     #[test]
     fn a_bad_dimm_is_refused_whole() {
-        let Some(vm) = vm() else {
-            println!("SKIPPED: /dev/kvm is not usable here");
+        let Some((mut mm, vm)) = manager_with_vm() else {
             return;
         };
-        let mut mm = MemoryManager::new(GuestLayout::new(256 * MIB)).unwrap();
-        mm.register_boot_ram(&vm).unwrap();
         let area = mm.layout().hotplug_area;
         // Outside the hotplug area.
         let outside = GuestRange {
