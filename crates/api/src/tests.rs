@@ -414,11 +414,6 @@ fn remove_dimm_round_trip() {
 fn malformed_dimm_requests_never_reach_the_handler() {
     let running = start();
     let client = &running.client;
-    let error_of = |(status, body): (u16, serde_json::Value)| {
-        let message = body["error"].as_str().unwrap_or_default().to_owned();
-        assert!(!message.is_empty(), "status {status} without error message");
-        (status, message)
-    };
     let add = |body: &[u8]| error_of(client.call_raw("PUT", "/vm/dimms", Some(body)).unwrap());
 
     let (status, message) = add(b"");
@@ -501,11 +496,6 @@ fn handler_errors_reach_the_client() {
 fn malformed_requests_never_reach_the_handler() {
     let running = start();
     let client = &running.client;
-    let error_of = |(status, body): (u16, serde_json::Value)| {
-        let message = body["error"].as_str().unwrap_or_default().to_owned();
-        assert!(!message.is_empty(), "status {status} without error message");
-        (status, message)
-    };
 
     let (status, message) = error_of(client.call("GET", "/vm/nothing", None).unwrap());
     assert_eq!(status, 404);
@@ -583,6 +573,13 @@ fn oversized_chunked_body_is_rejected() {
 }
 
 /// Read until the end of the response head (or EOF).
+/// The status and error message of an error answer, which must carry a message.
+fn error_of((status, body): (u16, serde_json::Value)) -> (u16, String) {
+    let message = body["error"].as_str().unwrap_or_default().to_owned();
+    assert!(!message.is_empty(), "status {status} without error message");
+    (status, message)
+}
+
 fn read_head(stream: &mut UnixStream) -> String {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))

@@ -373,6 +373,31 @@ pub(super) fn boot_ready<'lane>(
     Ok(guest)
 }
 
+/// Runs `round` for runs 1..=`runs` on a booted guest (reporting failures as they happen),
+/// then powers the guest off.
+pub(super) fn run_rounds(
+    bench: &str,
+    guest: &Guest<'_>,
+    runs: u32,
+    mut round: impl FnMut(u32) -> Result<Vec<Metric>, String>,
+) -> Vec<RunRecord> {
+    let records = (1..=runs)
+        .map(|run| {
+            eprintln!("==== bench {bench}: run {run}/{runs} ====");
+            let result = round(run);
+            if let Err(error) = &result {
+                eprintln!("bench {bench}: run {run} failed: {error}");
+            }
+            RunRecord {
+                result,
+                notes: Vec::new(),
+            }
+        })
+        .collect();
+    let _ = guest.poweroff(Duration::from_secs(120));
+    records
+}
+
 /// Runs `tidevm ctl <args> --wait` in the lane and returns the time it reports on its last
 /// "... after N s" line: measured inside the lane from just before its API request until
 /// the wait ended, so no agent round trip is included.

@@ -8,8 +8,8 @@ use clap::Args;
 use tidevm_testlane::{Guest, GuestOptions, Lane};
 
 use super::bench::{
-    boot_ready, failed_runs, one_line, read_host_rss, timed_ctl_wait, CommonArgs, Metric,
-    RunRecord, Unit,
+    boot_ready, failed_runs, one_line, read_host_rss, run_rounds, timed_ctl_wait, CommonArgs,
+    Metric, RunRecord, Unit,
 };
 
 /// Options of `tidevm bench dimm`.
@@ -46,21 +46,9 @@ pub(super) fn run(lane: &Lane, args: &DimmArgs) -> Vec<RunRecord> {
         Ok(guest) => guest,
         Err(e) => return failed_runs(runs, &e),
     };
-    let records = (1..=args.common.runs)
-        .map(|run| {
-            eprintln!("==== bench dimm: run {run}/{} ====", args.common.runs);
-            let result = add_remove_round(&guest, &args.size, size, run);
-            if let Err(error) = &result {
-                eprintln!("bench dimm: run {run} failed: {error}");
-            }
-            RunRecord {
-                result,
-                notes: Vec::new(),
-            }
-        })
-        .collect();
-    let _ = guest.poweroff(Duration::from_secs(120));
-    records
+    run_rounds("dimm", &guest, args.common.runs, |run| {
+        add_remove_round(&guest, &args.size, size, run)
+    })
 }
 
 fn mem_total_kib(guest: &Guest<'_>) -> Result<u64, String> {

@@ -2,15 +2,13 @@
 //! has plugged (or unplugged) the memory, how much of it tidevm itself spends, and what the
 //! host's RSS does.
 
-use std::time::Duration;
-
 use clap::Args;
 use serde_json::Value;
 use tidevm_testlane::{Guest, GuestOptions, Lane};
 
 use super::bench::{
-    boot_ready, failed_runs, one_line, read_host_rss, timed_ctl_wait, CommonArgs, Metric,
-    RunRecord, Unit,
+    boot_ready, failed_runs, one_line, read_host_rss, run_rounds, timed_ctl_wait, CommonArgs,
+    Metric, RunRecord, Unit,
 };
 
 /// Options of `tidevm bench virtio-mem`.
@@ -37,21 +35,9 @@ pub(super) fn run(lane: &Lane, args: &VirtioMemArgs) -> Vec<RunRecord> {
         Ok(guest) => guest,
         Err(e) => return failed_runs(args.common.runs, &e),
     };
-    let records = (1..=args.common.runs)
-        .map(|run| {
-            eprintln!("==== bench virtio-mem: run {run}/{} ====", args.common.runs);
-            let result = resize_round(&guest, &args.size);
-            if let Err(error) = &result {
-                eprintln!("bench virtio-mem: run {run} failed: {error}");
-            }
-            RunRecord {
-                result,
-                notes: Vec::new(),
-            }
-        })
-        .collect();
-    let _ = guest.poweroff(Duration::from_secs(120));
-    records
+    run_rounds("virtio-mem", &guest, args.common.runs, |_run| {
+        resize_round(&guest, &args.size)
+    })
 }
 
 /// The device's counters from `tidevm ctl info`.
