@@ -83,6 +83,9 @@ pub struct BalloonInfo {
     pub bad_pfns: u64,
     /// Discard system calls made (one per contiguous range, not per page).
     pub discard_syscalls: u64,
+    /// Time tidevm spent in those system calls, in ns.
+    #[serde(default)]
+    pub discard_ns: u64,
     /// The guest's last memory statistics (its claims), if any.
     pub stats: Option<BalloonStats>,
     /// What the host noticed: the guest reusing inflated pages, claims that do not match.

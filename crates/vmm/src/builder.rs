@@ -321,6 +321,7 @@ pub fn build_vm(
                 deflate_on_oom: balloon_config.deflate_on_oom,
                 free_page_reporting: balloon_config.free_page_reporting,
                 stats_interval: balloon_config.stats_interval,
+                per_page_discard: balloon_config.per_page_discard,
             })
             .map_err(BuildError::Balloon)?;
             Some(attacher.attach("balloon".into(), device)?)

@@ -468,6 +468,7 @@ impl Vmm {
             reported_free_bytes: status.reported_free_bytes,
             bad_pfns: status.bad_pfns,
             discard_syscalls: status.discard_syscalls,
+            discard_ns: status.discard_time.as_nanos() as u64,
             stats: status.stats.map(|s| BalloonStats {
                 age_seconds: s.age.as_secs(),
                 values: s.values,

@@ -42,7 +42,9 @@ pub struct RunArgs {
     #[arg(long = "virtio-mem")]
     virtio_mem: Vec<String>,
     /// A virtio-balloon: [size=SIZE][,deflate-on-oom=on][,free-page-reporting=on]
-    /// [,stats-interval=5s] (give an empty value for the defaults: `--balloon ""`).
+    /// [,stats-interval=5s][,discard=merged|per-page] (give an empty value for the defaults:
+    /// `--balloon ""`). `discard=per-page` makes one syscall per 4 KiB page, QEMU's way, so
+    /// that benchmarks can compare.
     #[arg(long)]
     balloon: Option<String>,
     /// A NUMA node (repeatable): node=ID,cpus=LIST,memory=SIZE; the nodes' memory must add

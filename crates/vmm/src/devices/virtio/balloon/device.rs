@@ -69,6 +69,9 @@ pub struct BalloonConfig {
     pub free_page_reporting: bool,
     /// Offer the stats queue; the VMM calls [`BalloonDevice::request_stats`] this often.
     pub stats_interval: Option<Duration>,
+    /// Discard every 4 KiB page with its own syscall instead of merging contiguous pages
+    /// (QEMU's way; for benchmarks only).
+    pub per_page_discard: bool,
 }
 
 /// Errors of the balloon's host API.
@@ -96,6 +99,8 @@ pub struct BalloonStatus {
     pub bad_pfns: u64,
     /// Discard syscalls made.
     pub discard_syscalls: u64,
+    /// Time spent in those syscalls.
+    pub discard_time: Duration,
     /// Features the driver accepted.
     pub acked_features: u64,
     /// The queue index serving free page reporting, once active.
@@ -170,6 +175,7 @@ impl BalloonDevice {
             reported_free_bytes: self.metrics.reported_bytes,
             bad_pfns: self.metrics.bad_pfns,
             discard_syscalls: self.metrics.discard_syscalls,
+            discard_time: self.metrics.discard_time,
             acked_features: self.acked_features,
             reporting_queue: self.index_of(Role::Reporting),
             stats: self
@@ -270,7 +276,22 @@ impl BalloonDevice {
     /// Discards `ranges` through the manager and records the outcome.
     fn discard(&mut self, memory: &mut MemoryManager, ranges: &[GuestRange]) -> DiscardOutcome {
         let started = Instant::now();
-        let result = memory.discard_ranges(ranges);
+        let result = if self.config.per_page_discard {
+            let pages: Vec<GuestRange> = ranges
+                .iter()
+                .flat_map(|r| {
+                    (r.start..r.end())
+                        .step_by(BALLOON_PAGE_SIZE as usize)
+                        .map(|start| GuestRange {
+                            start,
+                            size: BALLOON_PAGE_SIZE.min(r.end() - start),
+                        })
+                })
+                .collect();
+            memory.discard_ranges_unmerged(&pages)
+        } else {
+            memory.discard_ranges(ranges)
+        };
         self.metrics.discard_time += started.elapsed();
         let outcome = match result {
             Ok(outcome) => outcome,

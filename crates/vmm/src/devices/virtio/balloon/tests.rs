@@ -32,6 +32,7 @@ fn config(stats: bool, oom: bool, reporting: bool) -> BalloonConfig {
         deflate_on_oom: oom,
         free_page_reporting: reporting,
         stats_interval: stats.then_some(Duration::from_secs(1)),
+        per_page_discard: false,
     }
 }
 
