@@ -35,8 +35,10 @@ enum BenchCommand {
     /// ACPI DIMM: time from the API request until the guest has a DIMM of SIZE online, and
     /// until it has ejected it; host RSS.
     Dimm(super::bench_dimm::DimmArgs),
-    // Extension point: `Balloon(BalloonArgs)` goes here, with a
-    // `fn(&Lane, &Args) -> Vec<RunRecord>`.
+    /// virtio-balloon: inflate SIZE and deflate, in two guests side by side, one discarding
+    /// merged ranges (tidevm) and one discarding page by page (QEMU's way); syscalls per GiB,
+    /// time in them, host RSS reclaimed.
+    Balloon(super::bench_balloon::BalloonArgs),
 }
 
 /// Options shared by every benchmark.
@@ -91,6 +93,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
             json!({ "size": mem.size, "memory": mem.memory }),
             super::bench_virtio_mem::run(&lane, mem),
         ),
+        BenchCommand::Balloon(balloon) => (
+            "balloon",
+            &balloon.common,
+            json!({ "size": balloon.size, "touch_mib": balloon.touch, "memory": balloon.memory }),
+            super::bench_balloon::run(&lane, balloon),
+        ),
         BenchCommand::Dimm(dimm) => (
             "dimm",
             &dimm.common,
@@ -121,6 +129,8 @@ pub(super) struct Metric {
 pub(super) enum Unit {
     Seconds,
     Bytes,
+    /// A plain number (syscalls, events).
+    Count,
 }
 
 impl Unit {
@@ -128,12 +138,14 @@ impl Unit {
         match self {
             Unit::Seconds => format!("{value:.2} s"),
             Unit::Bytes => format!("{:.1} MiB", value / f64::from(1u32 << 20)),
+            Unit::Count => format!("{value:.0}"),
         }
     }
     fn json_suffix(self) -> &'static str {
         match self {
             Unit::Seconds => "s",
             Unit::Bytes => "bytes",
+            Unit::Count => "count",
         }
     }
 }
@@ -373,11 +385,11 @@ pub(super) fn boot_ready<'lane>(
     Ok(guest)
 }
 
-/// Runs `round` for runs 1..=`runs` on a booted guest (reporting failures as they happen),
-/// then powers the guest off.
+/// Runs `round` for runs 1..=`runs` on booted guests (reporting failures as they happen),
+/// then powers the guests off.
 pub(super) fn run_rounds(
     bench: &str,
-    guest: &Guest<'_>,
+    guests: &[&Guest<'_>],
     runs: u32,
     mut round: impl FnMut(u32) -> Result<Vec<Metric>, String>,
 ) -> Vec<RunRecord> {
@@ -394,7 +406,9 @@ pub(super) fn run_rounds(
             }
         })
         .collect();
-    let _ = guest.poweroff(Duration::from_secs(120));
+    for guest in guests {
+        let _ = guest.poweroff(Duration::from_secs(120));
+    }
     records
 }
 

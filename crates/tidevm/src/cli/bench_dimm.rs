@@ -46,7 +46,7 @@ pub(super) fn run(lane: &Lane, args: &DimmArgs) -> Vec<RunRecord> {
         Ok(guest) => guest,
         Err(e) => return failed_runs(runs, &e),
     };
-    run_rounds("dimm", &guest, args.common.runs, |run| {
+    run_rounds("dimm", &[&guest], args.common.runs, |run| {
         add_remove_round(&guest, &args.size, size, run)
     })
 }

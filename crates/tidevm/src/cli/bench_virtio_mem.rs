@@ -35,7 +35,7 @@ pub(super) fn run(lane: &Lane, args: &VirtioMemArgs) -> Vec<RunRecord> {
         Ok(guest) => guest,
         Err(e) => return failed_runs(args.common.runs, &e),
     };
-    run_rounds("virtio-mem", &guest, args.common.runs, |_run| {
+    run_rounds("virtio-mem", &[&guest], args.common.runs, |_run| {
         resize_round(&guest, &args.size)
     })
 }

@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod bench;
+mod bench_balloon;
 mod bench_dimm;
 mod bench_virtio_mem;
 mod ctl;
