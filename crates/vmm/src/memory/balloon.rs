@@ -199,15 +199,7 @@ impl MemoryManager {
     #[cfg(test)]
     pub(crate) fn resident_guest_pages(&self, gpa: u64, len: u64) -> usize {
         let region = self.guest_memory.find_region(GuestAddress(gpa)).unwrap();
-        let offset = gpa - region.start_addr().0;
-        assert!(offset + len <= region.len());
-        let ptr = region.as_ptr().wrapping_add(offset as usize);
-        let mut vec = vec![0u8; (len as usize).div_ceil(4096)];
-        // SAFETY: the range lies inside the mapping (asserted) and `vec` has one byte per
-        // 4 KiB page of it, as mincore requires.
-        let rc = unsafe { libc::mincore(ptr.cast(), len as usize, vec.as_mut_ptr()) };
-        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-        vec.iter().filter(|b| **b & 1 != 0).count()
+        super::discard::resident_pages(region, gpa - region.start_addr().0, len).unwrap()
     }
 }
 

@@ -28,6 +28,35 @@ fn invalid(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg.to_string())
 }
 
+/// Host pointer to `offset` in `region` after checking `[offset, offset+len)` lies inside it.
+fn checked_range(
+    region: &GuestRegionMmap,
+    offset: u64,
+    len: u64,
+) -> io::Result<(*mut libc::c_void, usize)> {
+    let end = offset
+        .checked_add(len)
+        .ok_or_else(|| invalid("range wraps"))?;
+    if end > region.len() {
+        return Err(invalid("range outside the mapping"));
+    }
+    // `end <= region.len()`, which fits in usize because the mapping exists.
+    let ptr = region.as_ptr().wrapping_add(offset as usize);
+    Ok((ptr.cast(), len as usize))
+}
+
+/// Number of resident 4 KiB host pages in `[offset, offset+len)` of any guest memory mapping.
+pub(crate) fn resident_pages(region: &GuestRegionMmap, offset: u64, len: u64) -> io::Result<usize> {
+    let (ptr, ulen) = checked_range(region, offset, len)?;
+    let mut vec = vec![0u8; ulen.div_ceil(4096)];
+    // SAFETY: the range is inside the mapping (checked; mincore also accepts PROT_NONE
+    // ranges) and `vec` has one byte per 4 KiB page of it, as mincore requires.
+    if unsafe { libc::mincore(ptr, ulen, vec.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(vec.iter().filter(|b| **b & 1 != 0).count())
+}
+
 /// Creates a memfd of `size` bytes, hugetlb-backed with pages of `huge_page` bytes if given.
 fn create_memfd(size: u64, huge_page: Option<u64>) -> io::Result<File> {
     let name: &CStr = c"tidevm-hotplug";
@@ -102,15 +131,7 @@ impl HostMapping {
 
     /// Host pointer to `offset` after checking `[offset, offset+len)` lies inside the mapping.
     fn checked(&self, offset: u64, len: u64) -> io::Result<(*mut libc::c_void, usize)> {
-        let end = offset
-            .checked_add(len)
-            .ok_or_else(|| invalid("range wraps"))?;
-        if end > self.region.len() {
-            return Err(invalid("range outside the hotplug mapping"));
-        }
-        // `end <= region.len()`, which fits in usize because the mapping exists.
-        let ptr = self.region.as_ptr().wrapping_add(offset as usize);
-        Ok((ptr.cast(), len as usize))
+        checked_range(&self.region, offset, len)
     }
 
     /// Faults `[offset, offset+len)` in writable so the backing exists before the guest uses
@@ -173,13 +194,6 @@ impl HostMapping {
 
     /// Number of resident 4 KiB host pages in `[offset, offset+len)`.
     pub(crate) fn resident_pages(&self, offset: u64, len: u64) -> io::Result<usize> {
-        let (ptr, ulen) = self.checked(offset, len)?;
-        let mut vec = vec![0u8; ulen.div_ceil(4096)];
-        // SAFETY: the range is inside our mapping (mincore also accepts PROT_NONE ranges) and
-        // `vec` has one byte per 4 KiB page of it, as mincore requires.
-        if unsafe { libc::mincore(ptr, ulen, vec.as_mut_ptr()) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(vec.iter().filter(|b| **b & 1 != 0).count())
+        resident_pages(&self.region, offset, len)
     }
 }
