@@ -2,14 +2,177 @@
 
 use std::time::Duration;
 
-use tidevm_testlane::{GuestOptions, Lane, Result};
+use tidevm_api::BalloonInfo;
+use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
 use crate::foundation::{check, mem_total_kib, BOOT, CMD};
+use crate::virtio_mem::finish;
 use crate::Scenario;
 
-pub const SCENARIOS: &[(&str, Scenario)] = &[("balloon_inflate_deflate", inflate_deflate)];
+pub const SCENARIOS: &[(&str, Scenario)] = &[
+    ("balloon_inflate_deflate", inflate_deflate),
+    (
+        "balloon_stats_and_free_page_reporting",
+        stats_and_free_page_reporting,
+    ),
+    ("balloon_deflate_on_oom", deflate_on_oom),
+];
 
-fn rss_mib(guest: &tidevm_testlane::Guest) -> Result<i64> {
+const MIB: u64 = 1 << 20;
+
+fn boot_with_balloon<'a>(lane: &'a Lane, balloon: &str) -> Result<Guest<'a>> {
+    let guest = lane.boot_guest(&GuestOptions {
+        memory: "1G".into(),
+        extra_args: vec!["--balloon".into(), balloon.into()],
+        ..GuestOptions::default()
+    })?;
+    guest.wait_ready(BOOT)?;
+    Ok(guest)
+}
+
+fn balloon_info(guest: &Guest) -> Result<BalloonInfo> {
+    let (rc, out) = guest.ctl(&["balloon-stats"])?;
+    check(rc == 0, guest, format!("balloon-stats failed: {out}"))?;
+    serde_json::from_str(&out)
+        .map_err(|e| guest.failure(format!("bad balloon-stats JSON ({e}): {out}")))
+}
+
+/// Polls the balloon (every 500 ms, up to `timeout`) until `done` says yes; returns the last
+/// reading either way.
+fn poll_balloon(
+    guest: &Guest,
+    timeout: Duration,
+    done: impl Fn(&BalloonInfo) -> bool,
+) -> Result<BalloonInfo> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let info = balloon_info(guest)?;
+        if done(&info) || std::time::Instant::now() > deadline {
+            return Ok(info);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn guest_free(info: &BalloonInfo) -> Option<u64> {
+    info.stats.as_ref()?.values.get("free_memory").copied()
+}
+
+/// The guest's statistics follow what it does (its free memory falls while it holds 300 MiB
+/// and comes back when it lets go), and free page reporting hands the freed memory back to
+/// the host with no balloon target at all.
+fn stats_and_free_page_reporting(lane: &Lane) -> Result<()> {
+    let guest = boot_with_balloon(lane, "free-page-reporting=on,stats-interval=1s")?;
+    let first = poll_balloon(&guest, Duration::from_secs(30), |i| guest_free(i).is_some())?;
+    let free_idle =
+        guest_free(&first).ok_or_else(|| guest.failure("no guest statistics within 30 s"))?;
+
+    guest.run("memtouch 300 25 >/dev/null 2>&1 &", CMD)?;
+    let holding = poll_balloon(&guest, Duration::from_secs(60), |i| {
+        guest_free(i).is_some_and(|f| f + 250 * MIB <= free_idle)
+    })?;
+    let free_holding = guest_free(&holding).unwrap_or(free_idle);
+    eprintln!(
+        "guest free_memory: {} MiB idle, {} MiB while holding 300 MiB",
+        free_idle / MIB,
+        free_holding / MIB
+    );
+    check(
+        free_holding + 250 * MIB <= free_idle,
+        &guest,
+        format!(
+            "the guest's free_memory did not follow its use: {} -> {} MiB",
+            free_idle / MIB,
+            free_holding / MIB
+        ),
+    )?;
+    let rss_holding = rss_mib(&guest)?;
+
+    // memtouch lets go; the guest reports the free pages and the host discards them.
+    let released = poll_balloon(&guest, Duration::from_secs(120), |i| {
+        i.reported_free_bytes >= 250 * MIB
+            && guest_free(i).is_some_and(|f| f + 100 * MIB >= free_idle)
+    })?;
+    let rss_released = rss_mib(&guest)?;
+    eprintln!(
+        "free page reporting: {} MiB reported and discarded; tidevm RSS {rss_holding} -> {rss_released} MiB; guest free_memory back to {} MiB",
+        released.reported_free_bytes / MIB,
+        guest_free(&released).unwrap_or(0) / MIB
+    );
+    check(
+        released.reported_free_bytes >= 250 * MIB,
+        &guest,
+        format!(
+            "only {} MiB reported free after the guest freed 300 MiB",
+            released.reported_free_bytes / MIB
+        ),
+    )?;
+    check(
+        rss_holding - rss_released >= 200,
+        &guest,
+        format!(
+            "RSS fell by only {} MiB with free page reporting",
+            rss_holding - rss_released
+        ),
+    )?;
+    check(
+        released.target_bytes == 0 && released.inflated_bytes == 0,
+        &guest,
+        "free page reporting must not need a balloon target",
+    )?;
+    finish(&guest)
+}
+
+/// With deflate-on-oom, a guest squeezed by the balloon takes pages back when it needs them
+/// instead of killing anything; the host sees the balloon shrink below its target.
+fn deflate_on_oom(lane: &Lane) -> Result<()> {
+    let guest = boot_with_balloon(lane, "deflate-on-oom=on,stats-interval=2s")?;
+    let (rc, out) = guest.ctl_waiting(
+        &["balloon", "640M", "--wait", "--timeout", "280"],
+        Duration::from_secs(300),
+    )?;
+    check(rc == 0, &guest, format!("inflate to 640 MiB: {out}"))?;
+    let squeezed = balloon_info(&guest)?;
+    // Less than 400 MiB is left to the guest: writing 400 MiB needs pages from the balloon.
+    let touched = guest.run("memtouch 400", Duration::from_secs(600))?;
+    check(
+        touched.contains(", 0 bad words"),
+        &guest,
+        format!("memtouch under pressure: {touched}"),
+    )?;
+    let after = balloon_info(&guest)?;
+    let dmesg = guest.run(
+        "dmesg | grep -ciE 'out of memory|killed process' || true",
+        CMD,
+    )?;
+    eprintln!(
+        "deflate on OOM: balloon {} -> {} MiB (host count; target {} MiB); {}",
+        squeezed.inflated_bytes / MIB,
+        after.inflated_bytes / MIB,
+        after.target_bytes / MIB,
+        touched.trim()
+    );
+    check(
+        after.inflated_bytes + 32 * MIB <= squeezed.inflated_bytes,
+        &guest,
+        format!(
+            "the balloon did not give pages back under pressure: {} -> {} MiB",
+            squeezed.inflated_bytes / MIB,
+            after.inflated_bytes / MIB
+        ),
+    )?;
+    check(
+        dmesg.trim() == "0",
+        &guest,
+        format!(
+            "the guest killed something instead of deflating ({} lines)",
+            dmesg.trim()
+        ),
+    )?;
+    finish(&guest)
+}
+
+fn rss_mib(guest: &Guest) -> Result<i64> {
     Ok(guest.vmm_rss_kib()? as i64 / 1024)
 }
 
