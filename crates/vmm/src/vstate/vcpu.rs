@@ -135,7 +135,12 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmExitReason> {
         }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => {}
         VcpuExit::Shutdown => {
-            // A triple fault: what a PC does is reset.
+            // A triple fault: what a PC does is reset. Worth a warning: a guest that did
+            // not ask for it crashed.
+            tracing::warn!(
+                "vCPU {}: the guest triple-faulted; resetting the VM",
+                ctx.index
+            );
             return Some(VmExitReason::Reset);
         }
         VcpuExit::SystemEvent(kind, _) => {
