@@ -358,6 +358,9 @@ tidevm inside it); logs in {} ====",
     }
 }
 
+/// CPUs of the nested lane's L1 test host (one per host core here).
+pub(crate) const L1_CPUS: u64 = 2;
+
 fn new_run_dir(paths: &LanePaths) -> Result<PathBuf> {
     static RUNS: AtomicU64 = AtomicU64::new(0);
     let run = RUNS.fetch_add(1, Ordering::Relaxed);
@@ -455,7 +458,8 @@ impl NestedHost {
         let _ = fs::remove_file(&socket);
         let mut command = Command::new(qemu);
         command
-            .args(["-accel", "tcg", "-cpu", "max", "-smp", "2", "-m", "12G"])
+            .args(["-accel", "tcg", "-cpu", "max", "-m", "12G"])
+            .args(["-smp", &L1_CPUS.to_string()])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", console_log.display()))
