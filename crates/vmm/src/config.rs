@@ -493,6 +493,9 @@ pub struct VmConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ViolationPolicy {
     /// Log it and show it in the API; the access reads as all ones and writes are dropped.
+    /// That works where the block's 128 MiB chunk has no KVM slot (an MMIO exit). Inside a
+    /// partly plugged chunk the access is a memory fault that cannot be completed, so the VM
+    /// stops whatever the policy.
     #[default]
     Report,
     /// Also stop the VM.

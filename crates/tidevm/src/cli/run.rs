@@ -52,6 +52,7 @@ pub struct RunArgs {
     #[arg(long)]
     numa: Vec<String>,
     /// When the guest touches hotplug memory it does not own: report (log and API) or stop.
+    /// An access inside a partly plugged 128 MiB chunk cannot be completed and always stops.
     #[arg(long, default_value = "report", value_parser = ["report", "stop"])]
     on_memory_violation: String,
 }

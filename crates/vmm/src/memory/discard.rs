@@ -81,13 +81,13 @@ fn create_memfd(size: u64, huge_page: Option<u64>) -> io::Result<File> {
 }
 
 impl HostMapping {
-    /// Maps `size` bytes for a hotplug region at guest address `gpa`. The mapping is
-    /// readable and writable; what keeps the guest out of unplugged blocks is that KVM has
-    /// no memory slot over them, and the VMM checks `is_accessible` before its own accesses.
+    /// Maps `size` bytes for a hotplug region at guest address `gpa`, entirely `PROT_NONE`:
+    /// nothing of a new region is plugged, so nothing may be touched yet. Plugging opens
+    /// blocks with [`HostMapping::protect`].
     pub(crate) fn new(gpa: u64, size: u64, backing: Backing) -> io::Result<Self> {
         let len = usize::try_from(size).map_err(|_| invalid("region too large"))?;
         let mut builder = MmapRegionBuilder::new(len)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_prot(libc::PROT_NONE)
             .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE | libc::MAP_ANONYMOUS);
         match backing {
             Backing::Anonymous => {}
@@ -132,6 +132,28 @@ impl HostMapping {
     /// Host pointer to `offset` after checking `[offset, offset+len)` lies inside the mapping.
     fn checked(&self, offset: u64, len: u64) -> io::Result<(*mut libc::c_void, usize)> {
         checked_range(&self.region, offset, len)
+    }
+
+    /// Makes `[offset, offset+len)` readable and writable (`true`) or inaccessible (`false`).
+    /// A guest access to an inaccessible page that KVM maps then fails in KVM's page fault
+    /// (KVM_RUN returns a memory fault with the guest-physical address) instead of quietly
+    /// faulting in host memory.
+    pub(crate) fn protect(&self, offset: u64, len: u64, accessible: bool) -> io::Result<()> {
+        let (ptr, len) = self.checked(offset, len)?;
+        let prot = if accessible {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_NONE
+        };
+        // SAFETY: `checked` proved the range lies inside the mapping `self.region` owns, and
+        // the manager passes block-aligned (hence page-aligned) offsets. Changing protection
+        // invalidates no Rust reference: nothing in tidevm holds references into hotplug
+        // memory; every access goes through vm-memory after `MemoryManager::is_accessible`
+        // approved it, under the manager's lock that also serialises this call.
+        if unsafe { libc::mprotect(ptr, len, prot) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
     }
 
     /// Faults `[offset, offset+len)` in writable so the backing exists before the guest uses

@@ -1,9 +1,10 @@
 //! Hotplug regions: guest-physical ranges whose memory is plugged and unplugged in blocks.
 //!
-//! A region is mapped once (`MAP_NORESERVE`), registered with KVM as a single memory slot, and
-//! starts fully unplugged. Unplugged blocks are discarded and `PROT_NONE`, so a guest access to
-//! them exits to the VMM (an MMIO exit under shadow paging, EFAULT or KVM_EXIT_MEMORY_FAULT on
-//! TDP hosts) instead of silently allocating host memory. The plug state (one bit per block)
+//! A region is mapped once (`MAP_NORESERVE`, `PROT_NONE`) and starts fully unplugged. KVM gets
+//! one memory slot per 128 MiB chunk that holds a plugged block. Unplugged blocks are
+//! discarded and `PROT_NONE`, so a guest access to them exits to the VMM instead of silently
+//! allocating host memory: an MMIO exit where no slot covers the block, a memory fault
+//! (KVM_EXIT_MEMORY_FAULT with the address) inside a partly plugged chunk. The plug state (one bit per block)
 //! lives here, in the manager, so that the guest-memory accessors and the vCPU exit handler can
 //! consult it; devices only ask for state changes.
 
@@ -195,6 +196,9 @@ impl HotplugRegion {
     /// Plugs one run of unplugged blocks; on failure the run is left unplugged.
     fn plug_run(&mut self, first: u64, count: u64) -> Result<(), PlugError> {
         let (gpa, offset, size) = self.bytes(first, count);
+        self.mapping
+            .protect(offset, size, true)
+            .map_err(|source| PlugError::Protect { gpa, size, source })?;
         let populate = self.prealloc || matches!(self.mapping.backing(), Backing::Hugetlbfs { .. });
         if populate {
             if let Err(source) = self.populate(offset, size) {
@@ -208,9 +212,14 @@ impl HotplugRegion {
         Ok(())
     }
 
-    /// Discards one run of blocks and marks it unplugged.
+    /// Closes one run of blocks, discards it and marks it unplugged. Closing comes first, so
+    /// that no access (of a guest whose KVM slot still covers the run) can fault the
+    /// memory back in between the discard and the protection.
     fn unplug_run(&mut self, first: u64, count: u64) -> Result<(), PlugError> {
         let (gpa, offset, size) = self.bytes(first, count);
+        self.mapping
+            .protect(offset, size, false)
+            .map_err(|source| PlugError::Protect { gpa, size, source })?;
         self.mapping
             .discard(offset, size)
             .map_err(|source| PlugError::Discard { gpa, size, source })?;
@@ -230,10 +239,11 @@ impl MemoryManager {
     /// Maps a hotplug region over `range`, fully unplugged, for `vm`. It becomes part of
     /// [`MemoryManager::guest_memory`]; KVM sees only its plugged blocks.
     ///
-    /// Unplugged blocks are kept out of the guest by having no memory slot, not by host page
-    /// protection: any guest access to them exits to the VMM as MMIO (on shadow-paging and
-    /// TDP hosts alike), where it is reported, and the host mapping stays simple. Slots cover
-    /// 128 MiB chunks (see `sync_slots`): a 4 GiB plug is 32 slots, not 2048 (one per block).
+    /// Unplugged blocks are kept out of the guest twice over: whole unplugged 128 MiB chunks
+    /// have no memory slot (a guest access is an MMIO exit), and every unplugged block is
+    /// `PROT_NONE` on the host (an access inside a partly plugged chunk is a memory fault).
+    /// Both reach the vCPU loop with the address. Slots cover 128 MiB chunks (see
+    /// `sync_slots`): a 4 GiB plug is 32 slots, not 2048 (one per block).
     pub fn add_hotplug_region(
         &mut self,
         vm: &Arc<VmFd>,
@@ -254,8 +264,8 @@ impl MemoryManager {
     /// re-create it, and in between the guest would lose memory it is using (its memmap lives
     /// in hotplugged memory). A chunk's slot is only ever created when its first block is
     /// plugged and deleted when its last block is unplugged, so memory in use is never
-    /// unmapped. Unplugged blocks inside a partly plugged chunk stay mapped (discarded: they
-    /// read as zero); whole unplugged chunks are not mapped at all.
+    /// unmapped. Unplugged blocks inside a partly plugged chunk stay in the slot but are
+    /// `PROT_NONE` (KVM cannot fault them in); whole unplugged chunks are not mapped at all.
     fn sync_slots(&mut self, id: HotplugRegionId) -> Result<(), PlugError> {
         let Some(vm) = self.vm.clone() else {
             return Ok(());

@@ -82,6 +82,14 @@ fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
         let outcome = match vcpu.run() {
             Ok(exit) => handle_exit(exit, &ctx),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+            // A kernel without KVM_CAP_MEMORY_FAULT_INFO for this path says only EFAULT: KVM
+            // found a slot but could not fault the host page in, and the one kind of page
+            // tidevm keeps closed under a slot is an unplugged hotplug block.
+            Err(e) if e.errno() == libc::EFAULT => Some(VmExitReason::Failed(format!(
+                "vCPU {} touched guest memory with no host backing (EFAULT, this kernel gives \
+                 no address): most likely an unplugged hotplug block",
+                ctx.index
+            ))),
             Err(e) => Some(VmExitReason::Failed(format!(
                 "vCPU {} KVM_RUN failed: {e}",
                 ctx.index
