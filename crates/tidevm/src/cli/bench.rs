@@ -396,7 +396,20 @@ pub(super) fn run_rounds(
     let records = (1..=runs)
         .map(|run| {
             eprintln!("==== bench {bench}: run {run}/{runs} ====");
-            let result = round(run);
+            let marks: Vec<u64> = guests
+                .iter()
+                .map(|g| g.console_len().unwrap_or(0))
+                .collect();
+            // A guest that crashed and was reset mid-round makes its figures meaningless
+            // (its counters restart): such a round fails.
+            let result = round(run).and_then(|metrics| {
+                for (guest, mark) in guests.iter().zip(&marks) {
+                    guest
+                        .check_no_triple_fault_since(*mark)
+                        .map_err(|e| one_line(&e))?;
+                }
+                Ok(metrics)
+            });
             if let Err(error) = &result {
                 eprintln!("bench {bench}: run {run} failed: {error}");
             }

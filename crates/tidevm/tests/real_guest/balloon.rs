@@ -251,8 +251,5 @@ fn inflate_deflate(lane: &Lane) -> Result<()> {
         &guest,
         format!("MemTotal {deflated_total} KiB after deflating, {before} KiB at boot"),
     )?;
-    if guest.poweroff(Duration::from_secs(120)).is_err() {
-        let _ = guest.kill();
-    }
-    Ok(())
+    finish(&guest)
 }

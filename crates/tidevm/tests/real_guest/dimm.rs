@@ -6,12 +6,15 @@ use tidevm_api::{DimmInfo, DimmState, VmInfo};
 use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
 use crate::foundation::{check, mem_total_kib, BOOT, CMD};
-use crate::virtio_mem::{finish, wait_mem_total};
+use crate::virtio_mem::{finish, node_mem_total_kib, wait_mem_total};
 use crate::Scenario;
 
 pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("dimm_add_use_remove", add_use_remove),
-    ("dimm_reboot_and_refused_eject", reboot_and_refused_eject),
+    (
+        "dimm_numa_reboot_and_refused_eject",
+        reboot_and_refused_eject,
+    ),
 ];
 
 const GIB_KIB: u64 = 1024 * 1024;
@@ -168,17 +171,52 @@ fn add_use_remove(lane: &Lane) -> Result<()> {
     finish(&guest)
 }
 
-/// A DIMM survives a reboot (the guest finds it in its boot-time ACPI scan); an eject the
-/// guest refuses leaves it in place and the VM running; once allowed, the eject goes through.
+/// A DIMM on NUMA node 1 shows up on that node and survives a reboot (the guest finds it in
+/// its boot-time ACPI scan); an eject the guest refuses leaves it in place and the VM
+/// running; once allowed, the eject goes through.
 fn reboot_and_refused_eject(lane: &Lane) -> Result<()> {
-    let guest = boot_with_slots(lane, "512M,slots=2,maxmem=2G")?;
+    // Two NUMA nodes, the DIMM on node 1: its memory must show up there (ACPI _PXM).
+    let guest = lane.boot_guest(&GuestOptions {
+        cpus: 2,
+        memory: "512M,slots=2,maxmem=2G".into(),
+        extra_args: [
+            "--numa",
+            "node=0,cpus=0,memory=256M",
+            "--numa",
+            "node=1,cpus=1,memory=256M",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+        ..GuestOptions::default()
+    })?;
+    guest.wait_ready(BOOT)?;
     let before = mem_total_kib(&guest)?;
-    add(&guest, "512M", "d0")?;
+    let node1_before = node_mem_total_kib(&guest, 1)?;
+    let (rc, out) = ctl_long(
+        &guest,
+        "dimm-add 512M --id d0 --node 1 --wait --timeout 150",
+    )?;
+    check(
+        rc == 0,
+        &guest,
+        format!("dimm-add on node 1 failed ({rc}): {out}"),
+    )?;
     check(
         wait_mem_total(&guest, before + GIB_KIB / 2)? == before + GIB_KIB / 2,
         &guest,
         "MemTotal did not grow by 512 MiB",
     )?;
+    let node1 = node_mem_total_kib(&guest, 1)?;
+    check(
+        node1 - node1_before == GIB_KIB / 2,
+        &guest,
+        format!(
+            "node 1 grew by {} KiB, not by the 512 MiB DIMM",
+            node1 - node1_before
+        ),
+    )?;
+    eprintln!("DIMM on node 1: node 1 MemTotal {node1_before} -> {node1} KiB");
 
     let mark = guest.console_len()?;
     guest.send_line("reboot")?;

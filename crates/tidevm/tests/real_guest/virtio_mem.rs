@@ -44,6 +44,7 @@ pub fn wait_mem_total(guest: &Guest, expected: u64) -> Result<u64> {
 /// Powers the guest off at the end of a scenario whose subject is not power-off (the
 /// foundation scenarios assert that); a guest that does not go down is killed, with a note.
 pub fn finish(guest: &Guest) -> Result<()> {
+    guest.check_no_triple_fault_since(0)?;
     if let Err(e) = guest.poweroff(Duration::from_secs(120)) {
         eprintln!(
             "NOTE: the guest did not power off cleanly; killed it ({})",
@@ -205,7 +206,7 @@ fn reboot_with_memory_plugged(lane: &Lane) -> Result<()> {
 }
 
 /// MemTotal of NUMA node `node` in KiB, from sysfs.
-fn node_mem_total_kib(guest: &Guest, node: u32) -> Result<u64> {
+pub fn node_mem_total_kib(guest: &Guest, node: u32) -> Result<u64> {
     let line = guest.run(
         &format!("grep MemTotal /sys/devices/system/node/node{node}/meminfo"),
         CMD,
