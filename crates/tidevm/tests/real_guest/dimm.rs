@@ -6,7 +6,7 @@ use tidevm_api::{DimmInfo, DimmState, VmInfo};
 use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
 use crate::foundation::{check, mem_total_kib, BOOT, CMD};
-use crate::virtio_mem::{finish, node_mem_total_kib, wait_mem_total};
+use crate::virtio_mem::{boot_two_nodes, finish, node_mem_total_kib, wait_mem_total};
 use crate::Scenario;
 
 pub const SCENARIOS: &[(&str, Scenario)] = &[
@@ -176,21 +176,7 @@ fn add_use_remove(lane: &Lane) -> Result<()> {
 /// running; once allowed, the eject goes through.
 fn reboot_and_refused_eject(lane: &Lane) -> Result<()> {
     // Two NUMA nodes, the DIMM on node 1: its memory must show up there (ACPI _PXM).
-    let guest = lane.boot_guest(&GuestOptions {
-        cpus: 2,
-        memory: "512M,slots=2,maxmem=2G".into(),
-        extra_args: [
-            "--numa",
-            "node=0,cpus=0,memory=256M",
-            "--numa",
-            "node=1,cpus=1,memory=256M",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        ..GuestOptions::default()
-    })?;
-    guest.wait_ready(BOOT)?;
+    let guest = boot_two_nodes(lane, "512M,slots=2,maxmem=2G", "256M", &[])?;
     let before = mem_total_kib(&guest)?;
     let node1_before = node_mem_total_kib(&guest, 1)?;
     let (rc, out) = ctl_long(

@@ -205,6 +205,33 @@ fn reboot_with_memory_plugged(lane: &Lane) -> Result<()> {
     finish(&guest)
 }
 
+/// Boots a guest with two vCPUs and two NUMA nodes of `node_memory` each (`memory` is the
+/// `--memory` value, their sum plus any hotplug options), and waits for its shell.
+pub fn boot_two_nodes<'a>(
+    lane: &'a Lane,
+    memory: &str,
+    node_memory: &str,
+    extra_args: &[&str],
+) -> Result<Guest<'a>> {
+    let mut args: Vec<String> = (0..2)
+        .flat_map(|n| {
+            [
+                "--numa".into(),
+                format!("node={n},cpus={n},memory={node_memory}"),
+            ]
+        })
+        .collect();
+    args.extend(extra_args.iter().map(|s| s.to_string()));
+    let guest = lane.boot_guest(&GuestOptions {
+        cpus: 2,
+        memory: memory.into(),
+        extra_args: args,
+        ..GuestOptions::default()
+    })?;
+    guest.wait_ready(BOOT)?;
+    Ok(guest)
+}
+
 /// MemTotal of NUMA node `node` in KiB, from sysfs.
 pub fn node_mem_total_kib(guest: &Guest, node: u32) -> Result<u64> {
     let line = guest.run(
@@ -219,25 +246,17 @@ pub fn node_mem_total_kib(guest: &Guest, node: u32) -> Result<u64> {
 
 /// Two nodes, one virtio-mem device each: memory plugged into each shows up on its node.
 fn numa_two_nodes(lane: &Lane) -> Result<()> {
-    let guest = lane.boot_guest(&GuestOptions {
-        cpus: 2,
-        memory: "1G".into(),
-        extra_args: [
-            "--numa",
-            "node=0,cpus=0,memory=512M",
-            "--numa",
-            "node=1,cpus=1,memory=512M",
+    let guest = boot_two_nodes(
+        lane,
+        "1G",
+        "512M",
+        &[
             "--virtio-mem",
             "id=mem0,size=2G,node=0",
             "--virtio-mem",
             "id=mem1,size=2G,node=1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect(),
-        ..GuestOptions::default()
-    })?;
-    guest.wait_ready(BOOT)?;
+        ],
+    )?;
     let nodes = guest.run("ls -d /sys/devices/system/node/node*", CMD)?;
     check(
         nodes.contains("node0") && nodes.contains("node1"),
