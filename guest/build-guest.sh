@@ -66,10 +66,13 @@ echo 4 > /proc/sys/kernel/printk
 while read -r module; do
     insmod "/lib/modules/$module" || echo "tidevm-guest: insmod $module failed"
 done < /lib/modules/load-order
-echo TIDEVM-GUEST-READY
 # Level 3 so it passes the console log level set above: when the serial tty
-# output is broken, this still tells how far the guest got.
+# output is broken, this still tells how far the guest got. It goes before the
+# marker: printk writes to the UART directly, and after the marker it could land
+# in the middle of the marker's interrupt-driven tty output (seen with two vCPUs:
+# "TIDEVM-GUEST-REA[ 9.29] tidevm-guest: init script done ...DY").
 echo "<3>tidevm-guest: init script done, starting the ttyS0 shell" > /dev/kmsg
+echo TIDEVM-GUEST-READY
 RCS
 chmod +x "$ROOT/etc/init.d/rcS"
 

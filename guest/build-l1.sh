@@ -66,6 +66,11 @@ done < /lib/modules/load-order
 # Balloon work in L2 triple-faults with THP in L1 (4 KiB discards inside L1
 # huge pages); see shared/reference/test-lanes.md.
 echo never > /sys/kernel/mm/transparent_hugepage/enabled
+# The same lane fault strikes when L1 migrates a page under a running L2 from
+# another CPU (tidevm is pinned to one L1 CPU against its own discards): a guest
+# triple-faulted 2 s into its boot right after the hugetlbfs test had L1 compact
+# memory for 600 huge pages. No proactive background compaction, then.
+echo 0 > /proc/sys/vm/compaction_proactiveness
 echo "TIDEVM-L1-READY kvm=$(ls /dev/kvm 2>/dev/null || echo missing)"
 RCS
 chmod +x "$ROOT/etc/init.d/rcS"
