@@ -6,7 +6,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::error::{LaneError, Result};
-use crate::lane::{Lane, LaneKind, L1_CPUS};
+use crate::lane::{l1_cpus, Lane, LaneKind};
 use crate::text::{self, shell_quote};
 
 /// The line the guest's init prints once its modules are loaded.
@@ -79,7 +79,8 @@ impl Lane {
         let pin = std::env::var("TIDEVM_LANE_PIN").map_or(true, |v| v != "0");
         if self.kind() == LaneKind::Nested && pin {
             // Every thread of one tidevm on one L1 CPU (guests take turns, so that two
-            // guests side by side get a CPU each). QEMU TCG's emulated SVM loses a nested
+            // guests side by side get a CPU each). A no-op with the default single L1 CPU
+            // (see `l1_cpus`), it matters with TIDEVM_L1_CPUS=2. QEMU TCG's emulated SVM loses a nested
             // translation when L1 frees a page that L2 mapped while L2 runs on the other L1
             // CPU: an L2 guest then triple-faults a virtio-mem unplug or a few later (the lane
             // notes saw the same under other VMMs with balloon discards). Measured with 8
@@ -89,7 +90,7 @@ impl Lane {
             // clean cycles unpinned: the guest never reads what it unplugged, only the freeing
             // matters. A lane artefact: a hardware host needs no pinning. (Unpinned: cycle 1
             // today; cycles 3, 3 and 5 in an earlier session's loop without the writes.)
-            let cpu = (id % L1_CPUS).to_string();
+            let cpu = (id % l1_cpus()).to_string();
             argv.splice(0..0, ["taskset".into(), "-c".into(), cpu]);
         }
         let command_line = argv

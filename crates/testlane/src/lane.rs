@@ -358,8 +358,22 @@ tidevm inside it); logs in {} ====",
     }
 }
 
-/// CPUs of the nested lane's L1 test host (one per host core here).
-pub(crate) const L1_CPUS: u64 = 2;
+/// CPUs of the nested lane's L1 test host: `TIDEVM_L1_CPUS`, by default 1.
+///
+/// One, because QEMU TCG's emulated SVM loses nested translations across L1 CPUs: an L2
+/// guest keeps writing through a translation of a page that L1 freed or migrated on another
+/// CPU. With two L1 CPUs that made L2 guests triple-fault after virtio-mem unplugs (tidevm
+/// pinned to one L1 CPU avoided most of it, see `Lane::boot_guest`), and once it corrupted
+/// L1 itself: "Kernel panic - not syncing: corrupted stack end detected inside scheduler"
+/// in a vCPU thread handling an L2 triple fault. With a single L1 CPU, L1 runs only while
+/// L2 is out of guest mode, and QEMU flushes its TLB at every VMRUN.
+pub(crate) fn l1_cpus() -> u64 {
+    std::env::var("TIDEVM_L1_CPUS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
 
 fn new_run_dir(paths: &LanePaths) -> Result<PathBuf> {
     static RUNS: AtomicU64 = AtomicU64::new(0);
@@ -459,7 +473,7 @@ impl NestedHost {
         let mut command = Command::new(qemu);
         command
             .args(["-accel", "tcg", "-cpu", "max", "-m", "12G"])
-            .args(["-smp", &L1_CPUS.to_string()])
+            .args(["-smp", &l1_cpus().to_string()])
             .args(["-display", "none", "-monitor", "none", "-no-reboot"])
             .arg("-serial")
             .arg(format!("file:{}", console_log.display()))
