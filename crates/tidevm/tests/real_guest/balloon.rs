@@ -5,7 +5,7 @@ use std::time::Duration;
 use tidevm_api::BalloonInfo;
 use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
-use crate::foundation::{check, mem_total_kib, BOOT, CMD};
+use crate::foundation::{check, mem_total_kib, memtouch, BOOT, CMD};
 use crate::virtio_mem::finish;
 use crate::Scenario;
 
@@ -138,11 +138,11 @@ fn deflate_on_oom(lane: &Lane) -> Result<()> {
     check(rc == 0, &guest, format!("inflate to 640 MiB: {out}"))?;
     let squeezed = balloon_info(&guest)?;
     // Less than 400 MiB is left to the guest: writing 400 MiB needs pages from the balloon.
-    let touched = guest.run("memtouch 400", Duration::from_secs(600))?;
-    check(
-        touched.contains(", 0 bad words"),
+    let touched = memtouch(
         &guest,
-        format!("memtouch under pressure: {touched}"),
+        400,
+        Duration::from_secs(600),
+        "memtouch under pressure",
     )?;
     let after = balloon_info(&guest)?;
     let dmesg = guest.run(
@@ -197,12 +197,7 @@ fn inflate_deflate(lane: &Lane) -> Result<()> {
         format!("virtio_balloon did not bind: {bound}"),
     )?;
     let before = mem_total_kib(&guest)?;
-    let touched = guest.run("memtouch 1536", Duration::from_secs(900))?;
-    check(
-        touched.contains(", 0 bad words"),
-        &guest,
-        format!("pattern: {touched}"),
-    )?;
+    memtouch(&guest, 1536, Duration::from_secs(900), "pattern")?;
     let rss_used = rss_mib(&guest)?;
 
     let lane_ctl = |args: &str, timeout: u64| {

@@ -24,6 +24,18 @@ pub fn check(condition: bool, guest: &Guest, what: impl Into<String>) -> Result<
 }
 
 /// MemTotal in KiB, from the guest's /proc/meminfo.
+/// Runs the guest's `memtouch MIB` (write a pattern through MIB MiB, read it back) and fails
+/// unless every word came back; `what` says what the check is about in the failure.
+pub fn memtouch(guest: &Guest, mib: u64, timeout: Duration, what: &str) -> Result<String> {
+    let touched = guest.run(&format!("memtouch {mib}"), timeout)?;
+    check(
+        touched.contains(", 0 bad words"),
+        guest,
+        format!("{what}: {touched}"),
+    )?;
+    Ok(touched)
+}
+
 pub fn mem_total_kib(guest: &Guest) -> Result<u64> {
     let line = guest.run("grep MemTotal /proc/meminfo", CMD)?;
     line.split_whitespace()

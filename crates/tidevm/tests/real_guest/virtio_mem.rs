@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
-use crate::foundation::{check, mem_total_kib, BOOT, CMD};
+use crate::foundation::{check, mem_total_kib, memtouch, BOOT, CMD};
 use crate::Scenario;
 
 pub const SCENARIOS: &[(&str, Scenario)] = &[
@@ -115,12 +115,7 @@ fn plug_unplug(lane: &Lane) -> Result<()> {
     eprintln!("memory blocks with 4 GiB plugged: {}", blocks.trim());
 
     // User memory prefers ZONE_MOVABLE, where the plugged blocks are: the pattern lands there.
-    let touched = guest.run("memtouch 384", Duration::from_secs(600))?;
-    check(
-        touched.contains(", 0 bad words"),
-        &guest,
-        format!("pattern check: {touched}"),
-    )?;
+    memtouch(&guest, 384, Duration::from_secs(600), "pattern check")?;
     let rss_filled = rss_mib(&guest)?;
 
     resize(&guest, "mem0", "1G")?;
@@ -346,12 +341,7 @@ fn hugetlbfs_backing(lane: &Lane) -> Result<()> {
             &guest,
             format!("plugging 1 GiB took {taken} huge pages, not 512"),
         )?;
-        let touched = guest.run("memtouch 128", Duration::from_secs(300))?;
-        check(
-            touched.contains(", 0 bad words"),
-            &guest,
-            format!("pattern check: {touched}"),
-        )?;
+        memtouch(&guest, 128, Duration::from_secs(300), "pattern check")?;
         resize(&guest, "mem0", "0")?;
         let back = free_hugepages(lane)?;
         check(
