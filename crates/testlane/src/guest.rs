@@ -77,10 +77,11 @@ impl Lane {
         argv.extend(options.extra_args.iter().cloned());
         // TIDEVM_LANE_PIN=0 turns the pinning off, to study the lane fault described below.
         let pin = std::env::var("TIDEVM_LANE_PIN").map_or(true, |v| v != "0");
-        if self.kind() == LaneKind::Nested && pin {
+        let l1_cpus = l1_cpus();
+        if self.kind() == LaneKind::Nested && pin && l1_cpus > 1 {
             // Every thread of one tidevm on one L1 CPU (guests take turns, so that two
-            // guests side by side get a CPU each). A no-op with the default single L1 CPU
-            // (see `l1_cpus`), it matters with TIDEVM_L1_CPUS=2. QEMU TCG's emulated SVM loses a nested
+            // guests side by side get a CPU each). Only with TIDEVM_L1_CPUS above the
+            // default of one (see `l1_cpus`). QEMU TCG's emulated SVM loses a nested
             // translation when L1 frees a page that L2 mapped while L2 runs on the other L1
             // CPU: an L2 guest then triple-faults a virtio-mem unplug or a few later (the lane
             // notes saw the same under other VMMs with balloon discards). Measured with 8
@@ -90,7 +91,7 @@ impl Lane {
             // clean cycles unpinned: the guest never reads what it unplugged, only the freeing
             // matters. A lane artefact: a hardware host needs no pinning. (Unpinned: cycle 1
             // today; cycles 3, 3 and 5 in an earlier session's loop without the writes.)
-            let cpu = (id % l1_cpus()).to_string();
+            let cpu = (id % l1_cpus).to_string();
             argv.splice(0..0, ["taskset".into(), "-c".into(), cpu]);
         }
         let command_line = argv
