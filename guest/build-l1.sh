@@ -63,9 +63,9 @@ mount -t tmpfs tmpfs /dev/shm
 while read -r module; do
     insmod "/lib/modules/$module" || echo "tidevm-l1: insmod $module failed"
 done < /lib/modules/load-order
-# Balloon work in L2 triple-faults with THP in L1 (4 KiB discards inside L1
-# huge pages); see shared/reference/test-lanes.md.
-echo never > /sys/kernel/mm/transparent_hugepage/enabled
+# THP stays at the kernel's setting here: the harness sets it before each guest
+# (off only for balloon work, whose 4 KiB discards inside L1 huge pages make L2
+# triple-fault; see L1Thp in crates/testlane/src/guest.rs).
 # The same lane fault strikes when L1 migrates a page under a running L2 from
 # another CPU (tidevm is pinned to one L1 CPU against its own discards): a guest
 # triple-faulted 2 s into its boot right after the hugetlbfs test had L1 compact

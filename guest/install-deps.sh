@@ -38,11 +38,39 @@ if [ "${#missing[@]}" -eq 0 ] && [ "$need_qemu" -eq 0 ]; then
     exit 0
 fi
 
+# The archive that serves bookworm itself, read from the machine's own apt sources (one-line
+# `deb URI bookworm ...` or deb822 `URIs:` with `Suites: bookworm`): backports come from the same
+# place, so no mirror's host name is written here.
+bookworm_archive() {
+    local file
+    for file in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+        [ -r "$file" ] || continue
+        awk '$1 == "deb" { i = 2; if ($i ~ /^\[/) { while ($i !~ /\]$/) i++; i++ }
+             if ($(i + 1) == "bookworm") { print $i; exit } }' "$file"
+    done
+    for file in /etc/apt/sources.list.d/*.sources; do
+        [ -r "$file" ] || continue
+        # deb822 stanzas are separated by blank lines; pick the one whose Suites has bookworm.
+        awk 'BEGIN { RS = ""; FS = "\n" }
+             { uri = ""; suite = 0
+               for (n = 1; n <= NF; n++) {
+                   if ($n ~ /^URIs:/) { split($n, f, /[ \t]+/); uri = f[2] }
+                   if ($n ~ /^Suites:/ && $n ~ /[ \t]bookworm([ \t]|$)/) suite = 1
+               }
+               if (suite && uri != "") { print uri; exit } }' "$file"
+    done
+}
+
 if [ "$need_qemu" -eq 1 ] && ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    echo "deps: adding the bookworm-backports apt source"
-    $SUDO tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<'SRC'
+    archive="$(bookworm_archive | head -1)"
+    if [ -z "$archive" ]; then
+        echo "deps: no apt source serves bookworm on this machine, so bookworm-backports (for QEMU 10) cannot be derived; add it by hand" >&2
+        exit 1
+    fi
+    echo "deps: adding the bookworm-backports apt source from $archive"
+    $SUDO tee /etc/apt/sources.list.d/bookworm-backports.sources >/dev/null <<SRC
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $archive
 Suites: bookworm-backports
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg

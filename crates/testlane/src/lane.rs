@@ -481,10 +481,7 @@ impl NestedHost {
             .arg(paths.l1_kernel())
             .arg("-initrd")
             .arg(&initrd)
-            .args([
-                "-append",
-                "console=ttyS0 panic=-1 quiet transparent_hugepage=never",
-            ])
+            .args(["-append", "console=ttyS0 panic=-1 quiet"])
             .args(["-device", "virtio-serial"])
             .arg("-chardev")
             .arg(format!(

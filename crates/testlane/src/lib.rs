@@ -27,7 +27,7 @@ mod lane;
 pub mod text;
 
 pub use error::{LaneError, Result};
-pub use guest::{Guest, GuestOptions, GUEST_PROMPT, GUEST_READY, TRIPLE_FAULT};
+pub use guest::{Guest, GuestOptions, L1Thp, GUEST_PROMPT, GUEST_READY, TRIPLE_FAULT};
 pub use lane::{choose_lane, tidevm_binary, workspace_root, Lane, LaneFacts, LaneKind, LanePaths};
 
 /// Starts a lane for the tidevm binary found by [`tidevm_binary`], or prints

@@ -26,6 +26,7 @@ fn guest_driver_against_a_stand_in_vmm() {
             memory: "1G".into(),
             extra_args: vec!["--flag".into(), "with space".into()],
             extra_cmdline: "quiet".into(),
+            ..GuestOptions::default()
         })
         .unwrap();
     guest.wait_ready(timeout).unwrap();

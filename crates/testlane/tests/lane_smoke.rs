@@ -44,7 +44,14 @@ fn lane_runs_commands_and_has_kvm() {
                 Duration::from_secs(30),
             )
             .unwrap();
-        assert!(thp.contains("[never]"), "THP must be off in L1: {thp}");
+        // Each guest sets THP for itself (`L1Thp`); L1 boots with the kernel's choice, one
+        // of the three modes, bracketed.
+        assert!(
+            ["[always]", "[madvise]", "[never]"]
+                .iter()
+                .any(|mode| thp.contains(mode)),
+            "L1 THP setting unreadable: {thp}"
+        );
     }
 
     let (rc, output) = lane

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Args;
 use tidevm_api::BalloonInfo;
-use tidevm_testlane::{Guest, GuestOptions, Lane};
+use tidevm_testlane::{Guest, GuestOptions, L1Thp, Lane};
 
 use super::bench::{
     boot_ready, failed_runs, one_line, read_host_rss, run_rounds, timed_ctl_wait, CommonArgs,
@@ -81,6 +81,8 @@ pub(super) fn run(lane: &Lane, args: &BalloonArgs) -> Vec<RunRecord> {
             &GuestOptions {
                 memory: args.memory.clone(),
                 extra_args: vec!["--balloon".into(), mode.balloon_option.into()],
+                // Inflating after the guest touched memory needs L1 THP off in the lane.
+                l1_thp: L1Thp::Never,
                 ..GuestOptions::default()
             },
         )

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tidevm_api::BalloonInfo;
-use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
+use tidevm_testlane::{Guest, GuestOptions, L1Thp, Lane, LaneKind, Result};
 
 use crate::foundation::{check, mem_total_kib, memtouch, BOOT, CMD};
 use crate::virtio_mem::finish;
@@ -24,10 +24,26 @@ fn boot_with_balloon<'a>(lane: &'a Lane, balloon: &str) -> Result<Guest<'a>> {
     let guest = lane.boot_guest(&GuestOptions {
         memory: "1G".into(),
         extra_args: vec!["--balloon".into(), balloon.into()],
+        l1_thp: L1Thp::Never,
         ..GuestOptions::default()
     })?;
     guest.wait_ready(BOOT)?;
+    check_l1_thp_off(lane, &guest)?;
     Ok(guest)
+}
+
+/// Balloon scenarios need THP off in the nested lane's L1 (see [`L1Thp::Never`]); the other
+/// scenarios run with it on, so check that the per-guest setting took.
+fn check_l1_thp_off(lane: &Lane, guest: &Guest) -> Result<()> {
+    if lane.kind() != LaneKind::Nested {
+        return Ok(());
+    }
+    let (_, thp) = lane.sh("cat /sys/kernel/mm/transparent_hugepage/enabled", CMD)?;
+    check(
+        thp.contains("[never]"),
+        guest,
+        format!("L1 THP should be off for balloon work: {thp}"),
+    )
 }
 
 fn balloon_info(guest: &Guest) -> Result<BalloonInfo> {
@@ -187,9 +203,11 @@ fn inflate_deflate(lane: &Lane) -> Result<()> {
     let guest = lane.boot_guest(&GuestOptions {
         memory: "2G".into(),
         extra_args: vec!["--balloon".into(), "stats-interval=2s".into()],
+        l1_thp: L1Thp::Never,
         ..GuestOptions::default()
     })?;
     guest.wait_ready(BOOT)?;
+    check_l1_thp_off(lane, &guest)?;
     let bound = guest.run("ls /sys/bus/virtio/drivers/virtio_balloon/", CMD)?;
     check(
         bound.contains("virtio"),
