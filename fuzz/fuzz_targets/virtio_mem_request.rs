@@ -138,7 +138,7 @@ fuzz_target!(|input: &[u8]| {
     // Invariants: a usable response buffer is accessible; a parsed request has one, and its
     // type round-trips through the decoder.
     if let Some(resp) = parsed.response {
-        assert!(w.manager.is_accessible(resp.0, RESPONSE_SIZE));
+        assert!(w.manager.is_accessible(resp, RESPONSE_SIZE));
     }
     if let Ok(req) = parsed.request {
         assert!(parsed.response.is_some());

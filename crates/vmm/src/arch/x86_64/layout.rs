@@ -98,9 +98,11 @@ pub struct GuestRange {
 }
 
 impl GuestRange {
-    /// One past the last byte.
+    /// One past the last byte. A range that would run past the top of the address space (only
+    /// a guest-named one can) ends at `u64::MAX` instead of wrapping to a small address, so it
+    /// never looks like a valid low range; validation refuses it.
     pub fn end(&self) -> u64 {
-        self.start + self.size
+        self.start.saturating_add(self.size)
     }
 
     /// Whether `addr` lies inside.

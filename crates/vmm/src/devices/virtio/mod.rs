@@ -7,6 +7,7 @@
 use vm_memory::GuestMemoryMmap;
 
 pub mod balloon;
+pub mod chain;
 pub mod mem;
 pub mod msix;
 pub mod transport_pci;
@@ -32,6 +33,12 @@ pub struct Signal {
     pub queue: bool,
     /// Raise the configuration-change interrupt.
     pub config: bool,
+    /// The queue's pass stopped at its budget with work left: process it again after the
+    /// control loop's other work.
+    pub more: bool,
+    /// The device cannot go on (its rings are no longer in accessible memory): set
+    /// DEVICE_NEEDS_RESET and tell the driver.
+    pub needs_reset: bool,
 }
 
 /// A virtio device behind some transport.

@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use super::chain::rings_accessible;
 use super::msix::{MsixTable, NO_VECTOR};
 use super::{Signal, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::pci::config_space::{Bar64, PciConfigSpace, PciIdentity, BAR0_REG};
@@ -50,6 +51,7 @@ const CFG_PCI: u8 = 5;
 const STATUS_ACKNOWLEDGE: u8 = 1;
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
+const STATUS_DEVICE_NEEDS_RESET: u8 = 0x40;
 const STATUS_FAILED: u8 = 0x80;
 const ISR_QUEUE: u8 = 1;
 const ISR_CONFIG: u8 = 2;
@@ -389,18 +391,8 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                     Some((regs.device >> 32) as u32),
                 );
                 queue.set_ready(true);
-                let size = u64::from(regs.size);
                 // The rings must lie in memory the guest owns: the VMM reads them.
-                let rings = [
-                    (regs.desc, 16 * size),
-                    (regs.driver, 6 + 2 * size),
-                    (regs.device, 6 + 8 * size),
-                ];
-                if !queue.is_valid(guest_memory)
-                    || rings
-                        .iter()
-                        .any(|&(addr, len)| !memory.is_accessible(addr, len))
-                {
+                if !queue.is_valid(guest_memory) || !rings_accessible(&queue, memory) {
                     return Err(format!("queue {index} is not in guest RAM"));
                 }
             }
@@ -411,6 +403,21 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
 
     /// Raises what `signal` asks for (`queue` refers to queue `index`).
     pub fn raise(&mut self, signal: Signal, index: usize) {
+        if signal.more {
+            // The pass stopped at its budget: notify the queue again, so the control loop
+            // comes back to it after the other events that are ready now.
+            if let Some(evt) = self.queue_evts.get(index) {
+                let _ = evt.write(1);
+            }
+        }
+        if signal.needs_reset && self.status & STATUS_DEVICE_NEEDS_RESET == 0 {
+            tracing::warn!(
+                "virtio device {}: queue {index} is unusable, asking the driver to reset",
+                self.id
+            );
+            self.status |= STATUS_DEVICE_NEEDS_RESET;
+        }
+        let config = signal.config || signal.needs_reset;
         if signal.queue {
             self.isr |= ISR_QUEUE;
             if let Some(regs) = self.queues.get(index) {
@@ -419,7 +426,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 }
             }
         }
-        if signal.config {
+        if config {
             self.config_generation = self.config_generation.wrapping_add(1);
             self.isr |= ISR_CONFIG;
             if self.config_msix_vector != NO_VECTOR {

@@ -12,11 +12,15 @@ use std::time::{Duration, Instant};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use crate::devices::virtio::chain::{
+    complete, rings_accessible, run_pass, Completion, PASS_BUDGET,
+};
+
 use super::metrics::BalloonMetrics;
 use super::pages::InflatedPages;
 use super::request::{
     pfns_to_ranges, read_buffers, read_pfns, reported_ranges, split_accessible, walk_chain,
-    DescriptorTable, GuestAccess, RequestError, BALLOON_PAGE_SIZE, PFN_SHIFT,
+    DescriptorTable, RequestError, BALLOON_PAGE_SIZE, PFN_SHIFT,
 };
 use super::stats::{parse_stats, ReceivedStats, StatsSnapshot, ENTRY_SIZE, MAX_ENTRIES};
 use crate::arch::x86_64::layout::GuestRange;
@@ -155,8 +159,8 @@ impl BalloonDevice {
         check_target(bytes)?;
         self.config.target_bytes = bytes;
         Ok(Signal {
-            queue: false,
             config: true,
+            ..Signal::default()
         })
     }
 
@@ -249,8 +253,8 @@ impl BalloonDevice {
             return Signal::default();
         };
         Signal {
-            queue: queue.add_used(guest_memory, head, 0).is_ok(),
-            config: false,
+            queue: complete(queue, guest_memory, memory, head, 0),
+            ..Signal::default()
         }
     }
 
@@ -277,18 +281,7 @@ impl BalloonDevice {
     fn discard(&mut self, memory: &mut MemoryManager, ranges: &[GuestRange]) -> DiscardOutcome {
         let started = Instant::now();
         let result = if self.config.per_page_discard {
-            let pages: Vec<GuestRange> = ranges
-                .iter()
-                .flat_map(|r| {
-                    (r.start..r.end())
-                        .step_by(BALLOON_PAGE_SIZE as usize)
-                        .map(|start| GuestRange {
-                            start,
-                            size: BALLOON_PAGE_SIZE.min(r.end() - start),
-                        })
-                })
-                .collect();
-            memory.discard_ranges_unmerged(&pages)
+            memory.discard_ranges_per_page(ranges)
         } else {
             memory.discard_ranges(ranges)
         };
@@ -431,14 +424,6 @@ fn check_target(bytes: u64) -> Result<(), BalloonError> {
     Ok(())
 }
 
-/// Whether the rings the driver configured lie in memory the VMM may touch.
-fn rings_accessible(queue: &Queue, access: &dyn GuestAccess) -> bool {
-    let n = u64::from(queue.size());
-    access.is_accessible(queue.desc_table(), 16 * n)
-        && access.is_accessible(queue.avail_ring(), 6 + 2 * n)
-        && access.is_accessible(queue.used_ring(), 6 + 8 * n)
-}
-
 impl VirtioDevice for BalloonDevice {
     fn device_type(&self) -> u32 {
         VIRTIO_ID_BALLOON
@@ -566,14 +551,14 @@ impl VirtioDevice for BalloonDevice {
         let Some((role, mut queue)) = self.queues.get_mut(index).and_then(Option::take) else {
             return Signal::default();
         };
-        let mut used = false;
-        if rings_accessible(&queue, memory) {
-            let table = DescriptorTable {
-                addr: queue.desc_table(),
-                size: queue.size(),
-            };
-            while let Some(chain) = queue.pop_descriptor_chain(guest_memory) {
-                let head = chain.head_index();
+        let mut returned_old_stats = false;
+        let mut stats_to_return = Vec::new();
+        let pass = run_pass(
+            &mut queue,
+            guest_memory,
+            memory,
+            PASS_BUDGET,
+            |memory, table, head| {
                 match role {
                     Role::Inflate => self.inflate(guest_memory, memory, table, head),
                     Role::Deflate => self.deflate(guest_memory, memory, table, head),
@@ -581,16 +566,20 @@ impl VirtioDevice for BalloonDevice {
                     Role::Stats => {
                         self.stats_arrived(guest_memory, memory, table, head);
                         // Hold the buffer until the next poll. A driver that posts a second
-                        // one gets the first back at once, so none is lost.
+                        // one gets the first back below, so none is lost.
                         if let Some(old) = self.stats_buffer.replace(head) {
-                            used |= queue.add_used(guest_memory, old, 0).is_ok();
+                            stats_to_return.push(old);
                         }
-                        continue;
+                        return Completion::Held;
                     }
                 }
-                used |= queue.add_used(guest_memory, head, 0).is_ok();
-            }
-        } else {
+                Completion::Used(0)
+            },
+        );
+        for old in stats_to_return {
+            returned_old_stats |= complete(&mut queue, guest_memory, memory, old, 0);
+        }
+        if pass.rings_lost {
             self.metrics.bad_rings += 1;
             tracing::warn!("virtio-balloon: queue {index} rings are not in accessible memory");
         }
@@ -598,8 +587,10 @@ impl VirtioDevice for BalloonDevice {
             *slot = Some((role, queue));
         }
         Signal {
-            queue: used,
-            config: false,
+            queue: pass.used || returned_old_stats,
+            more: pass.more,
+            needs_reset: pass.rings_lost,
+            ..Signal::default()
         }
     }
 }

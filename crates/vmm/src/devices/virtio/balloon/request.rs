@@ -1,17 +1,16 @@
-//! Walking balloon descriptor chains and decoding their buffers.
+//! Decoding balloon requests from walked descriptor chains.
 //!
-//! The guest driver controls every descriptor and every byte read here, so (as in virtio-mem)
-//! the chain is walked by hand: each descriptor and each buffer is checked with
-//! [`GuestAccess::is_accessible`] before it is read, indirect descriptors are refused (the
-//! device does not offer them), and the walk stops after as many descriptors as the queue has,
-//! so a looping chain cannot hang the VMM.
+//! Chains are walked, and buffers read, by the shared checked walker in
+//! [`crate::devices::virtio::chain`]: each descriptor and each buffer is checked accessible
+//! right before it is read, and the walk stops after as many descriptors as the queue has, so a
+//! looping chain cannot hang the VMM. Indirect descriptors are refused (the device does not
+//! offer them).
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::GuestMemory;
 
 use crate::arch::x86_64::layout::GuestRange;
-pub use crate::devices::virtio::mem::request::{DescriptorTable, GuestAccess};
+use crate::devices::virtio::chain::{self, read_buffer, Buffer, ChainError};
+pub use crate::devices::virtio::chain::{DescriptorTable, GuestAccess};
 
 /// Size of a balloon page: PFNs are always in 4 KiB units ("historical", whatever the guest's
 /// page size).
@@ -21,23 +20,13 @@ pub const PFN_SHIFT: u32 = 12;
 /// Largest PFN array accepted in one inflate or deflate request (bytes). Linux sends at most
 /// 256 PFNs (1 KiB); the cap only stops a guest from making the VMM allocate gigabytes.
 pub const MAX_PFN_BYTES: u64 = 1 << 20;
-/// Size of a split-queue descriptor.
-const DESCRIPTOR_SIZE: u64 = 16;
 
 /// Why a chain is not a valid balloon request.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    /// A descriptor index beyond the queue size.
-    #[error("descriptor index {index} beyond queue size {queue_size}")]
-    DescriptorIndex {
-        /// The index.
-        index: u16,
-        /// The queue size.
-        queue_size: u16,
-    },
-    /// The chain has more descriptors than the queue (it loops).
-    #[error("descriptor chain longer than the queue")]
-    ChainTooLong,
+    /// The chain could not be walked, or a buffer was not accessible.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     /// Indirect descriptors were not offered.
     #[error("indirect descriptor in a balloon chain")]
     Indirect,
@@ -53,89 +42,30 @@ pub enum RequestError {
     /// A PFN array larger than [`MAX_PFN_BYTES`].
     #[error("PFN array of {0} bytes is too large")]
     TooLarge(u64),
-    /// A buffer or descriptor lies (partly) outside accessible guest memory.
-    #[error("guest range {addr:#x}+{len:#x} is not accessible")]
-    Inaccessible {
+    /// A reported free range that runs past the top of the address space.
+    #[error("reported range {addr:#x}+{len:#x} wraps")]
+    Wraps {
         /// Guest-physical start.
         addr: u64,
         /// Length.
         len: u64,
     },
-    /// Guest memory refused an access the manager allowed (stale memory view).
-    #[error("guest memory access failed")]
-    Memory(#[source] vm_memory::GuestMemoryError),
 }
 
-/// One descriptor of a chain, checked for index, accessibility and indirection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Buffer {
-    /// Guest-physical address.
-    pub addr: u64,
-    /// Length in bytes.
-    pub len: u32,
-    /// Device-writable.
-    pub writable: bool,
-}
-
-fn has(desc: &Descriptor, flag: u32) -> bool {
-    u32::from(desc.flags()) & flag != 0
-}
-
-/// Reads descriptor `index` of `table` after checking it is in range and accessible.
-fn read_descriptor<M: GuestMemory + ?Sized>(
-    mem: &M,
-    access: &dyn GuestAccess,
-    table: DescriptorTable,
-    index: u16,
-) -> Result<Descriptor, RequestError> {
-    if index >= table.size {
-        return Err(RequestError::DescriptorIndex {
-            index,
-            queue_size: table.size,
-        });
-    }
-    let addr = table
-        .addr
-        .checked_add(u64::from(index) * DESCRIPTOR_SIZE)
-        .filter(|a| access.is_accessible(*a, DESCRIPTOR_SIZE))
-        .ok_or(RequestError::Inaccessible {
-            addr: table.addr,
-            len: u64::from(table.size) * DESCRIPTOR_SIZE,
-        })?;
-    let raw: RawDescriptor = mem
-        .read_obj(GuestAddress(addr))
-        .map_err(RequestError::Memory)?;
-    Ok(Descriptor::from(raw))
-}
-
-/// Walks the chain starting at `head` and returns its buffers (not yet checked for
-/// accessibility: free page reports name memory the device never reads).
+/// Walks the chain starting at `head` (at most as many descriptors as the queue has) and
+/// returns its buffers, not yet checked for accessibility: free page reports name memory the
+/// device never reads. Indirect descriptors are refused.
 pub fn walk_chain<M: GuestMemory + ?Sized>(
     mem: &M,
     access: &dyn GuestAccess,
     table: DescriptorTable,
     head: u16,
 ) -> Result<Vec<Buffer>, RequestError> {
-    let mut buffers = Vec::new();
-    let mut index = head;
-    loop {
-        if buffers.len() >= usize::from(table.size) {
-            return Err(RequestError::ChainTooLong);
-        }
-        let desc = read_descriptor(mem, access, table, index)?;
-        if has(&desc, VRING_DESC_F_INDIRECT) {
-            return Err(RequestError::Indirect);
-        }
-        buffers.push(Buffer {
-            addr: desc.addr().0,
-            len: desc.len(),
-            writable: has(&desc, VRING_DESC_F_WRITE),
-        });
-        if !has(&desc, VRING_DESC_F_NEXT) {
-            return Ok(buffers);
-        }
-        index = desc.next();
+    let chain = chain::walk_chain(mem, access, table, head, usize::from(table.size))?;
+    if chain.buffers.iter().any(|b| b.indirect) {
+        return Err(RequestError::Indirect);
     }
+    Ok(chain.buffers)
 }
 
 /// Concatenates the device-readable `buffers` (each checked accessible first), reading at most
@@ -160,13 +90,9 @@ pub fn read_buffers<M: GuestMemory + ?Sized>(
         if len == 0 {
             break;
         }
-        if !access.is_accessible(b.addr, len) {
-            return Err(RequestError::Inaccessible { addr: b.addr, len });
-        }
         let start = bytes.len();
         bytes.resize(start + len as usize, 0);
-        mem.read_slice(&mut bytes[start..], GuestAddress(b.addr))
-            .map_err(RequestError::Memory)?;
+        read_buffer(mem, access, b.addr, &mut bytes[start..])?;
     }
     Ok((bytes, total))
 }
@@ -210,18 +136,22 @@ pub fn pfns_to_ranges(mut pfns: Vec<u32>) -> Vec<GuestRange> {
 }
 
 /// The free ranges of a free page report: every buffer is device-writable and its address
-/// and length *are* the range (the device never reads or writes the memory itself).
+/// and length *are* the range (the device never reads or writes the memory itself). A range
+/// that runs past the top of the address space makes the report invalid.
 pub fn reported_ranges(buffers: &[Buffer]) -> Result<Vec<GuestRange>, RequestError> {
     buffers
         .iter()
         .map(|b| {
-            if b.writable {
+            let len = u64::from(b.len);
+            if !b.writable {
+                Err(RequestError::ReadOnlyBuffer)
+            } else if b.addr.checked_add(len).is_none() {
+                Err(RequestError::Wraps { addr: b.addr, len })
+            } else {
                 Ok(GuestRange {
                     start: b.addr,
-                    size: u64::from(b.len),
+                    size: len,
                 })
-            } else {
-                Err(RequestError::ReadOnlyBuffer)
             }
         })
         .collect()

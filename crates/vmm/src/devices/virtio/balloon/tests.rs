@@ -138,7 +138,8 @@ fn send_pfns(s: &mut Setup, q: &mut DriverQueue, pfns: &[u32]) {
         signal,
         Signal {
             queue: true,
-            config: false
+            config: false,
+            ..Signal::default()
         }
     );
     assert_eq!(q.used_idx(), before.wrapping_add(1));
@@ -223,7 +224,8 @@ fn target_and_actual_in_config_space() {
         d.set_target(128 * MIB).unwrap(),
         Signal {
             queue: false,
-            config: true
+            config: true,
+            ..Signal::default()
         }
     );
     assert_eq!(config_u32(&d, 0), 32768);
@@ -441,7 +443,14 @@ fn rings_outside_guest_memory_are_not_touched() {
     }
     assert!(s.dev.ack_features(BASIC));
     s.dev.activate(queues).unwrap();
-    assert_eq!(s.dev.process_queue(0, &mem, &mut s.mm), Signal::default());
+    assert_eq!(
+        s.dev.process_queue(0, &mem, &mut s.mm),
+        Signal {
+            needs_reset: true,
+            ..Signal::default()
+        },
+        "nothing touched; the driver is asked to reset"
+    );
     assert_eq!(s.dev.metrics().bad_rings, 1);
 }
 
@@ -486,7 +495,8 @@ fn stats_buffer_is_held_parsed_and_returned_on_request() {
         s.dev.request_stats(&mem, &s.mm),
         Signal {
             queue: true,
-            config: false
+            config: false,
+            ..Signal::default()
         }
     );
     assert_eq!((stats.used_idx(), stats.used(0)), (1, (0, 0)));

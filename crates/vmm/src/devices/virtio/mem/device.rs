@@ -5,15 +5,15 @@
 
 use std::time::Instant;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 
 use super::metrics::VirtioMemMetrics;
-use super::request::{
-    encode_response, parse_chain, DescriptorTable, GuestAccess, Request, ResponseType,
-    RESPONSE_SIZE,
-};
+use super::request::{encode_response, parse_chain, Request, ResponseType, RESPONSE_SIZE};
 use crate::arch::x86_64::layout::GuestRange;
+use crate::devices::virtio::chain::{
+    overlaps, ring_ranges, run_pass, write_buffer, Completion, DescriptorTable, PASS_BUDGET,
+};
 use crate::devices::virtio::{ActivateError, Signal, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::{BlockRangeState, HotplugRegionId, MemoryManager, PlugError};
 
@@ -197,8 +197,8 @@ impl VirtioMem {
         // Grow only: the guest may be using memory up to the current usable size.
         self.usable_region_size = self.usable_region_size.max(self.usable_for(bytes));
         Ok(Signal {
-            queue: false,
             config: true,
+            ..Signal::default()
         })
     }
 
@@ -372,25 +372,56 @@ impl VirtioMem {
         answer
     }
 
-    /// Whether the rings the driver configured lie in memory the VMM may touch.
-    fn rings_accessible(queue: &Queue, access: &dyn GuestAccess) -> bool {
-        let n = u64::from(queue.size());
-        access.is_accessible(queue.desc_table(), 16 * n)
-            && access.is_accessible(queue.avail_ring(), 6 + 2 * n)
-            && access.is_accessible(queue.used_ring(), 6 + 8 * n)
+    /// The guest-physical range `request` would close (make `PROT_NONE`), if any.
+    fn range_closed_by(&self, request: &Request) -> Option<(u64, u64)> {
+        match *request {
+            Request::Unplug { addr, nb_blocks } => {
+                Some((addr, u64::from(nb_blocks) * self.config.block_size))
+            }
+            Request::UnplugAll => Some((self.config.region.start, self.config.region.size)),
+            Request::Plug { .. } | Request::State { .. } => None,
+        }
     }
 
-    /// Parses and answers one chain; returns the used length.
+    /// Parses and answers one chain; returns the used length. `rings` are the queue's ring
+    /// ranges: a request may not close the memory they, or its own response buffer, lie in.
     fn process_chain(
         &mut self,
         mem: &GuestMemoryMmap,
         memory: &mut MemoryManager,
         table: DescriptorTable,
         head: u16,
+        rings: &[(u64, u64)],
     ) -> u32 {
         let parsed = parse_chain(mem, memory, table, head);
         let response = match parsed.request {
-            Ok(request) => self.handle(memory, request),
+            Ok(request) => {
+                let closed = self.range_closed_by(&request);
+                let in_use = parsed
+                    .response
+                    .map(|addr| (addr, RESPONSE_SIZE))
+                    .into_iter()
+                    .chain(rings.iter().copied());
+                let closes_own = closed.is_some_and(|(start, len)| {
+                    in_use
+                        .clone()
+                        .any(|(addr, n)| overlaps(start, len, addr, n))
+                });
+                if closes_own {
+                    // Not done: the unplug would close the response buffer or the rings before
+                    // the device writes them. The spec's answer to an invalid request.
+                    self.metrics.self_closing += 1;
+                    self.metrics.record(request.kind(), ResponseType::Error);
+                    tracing::warn!(
+                        "virtio-mem {}: ERROR for {request:?}: it would unplug the memory \
+                         holding its own response or the queue",
+                        self.config.id
+                    );
+                    (ResponseType::Error, 0)
+                } else {
+                    self.handle(memory, request)
+                }
+            }
             Err(e) => {
                 self.metrics.malformed += 1;
                 tracing::warn!("virtio-mem {}: malformed request: {e}", self.config.id);
@@ -401,8 +432,8 @@ impl VirtioMem {
             return 0;
         };
         let bytes = encode_response(response.0, response.1);
-        // The parser checked the 10 bytes are accessible; a failure means a stale memory view.
-        match mem.write_slice(&bytes, addr) {
+        // Asked again now: the request just handled may have closed memory.
+        match write_buffer(mem, memory, addr, &bytes) {
             Ok(()) => RESPONSE_SIZE as u32,
             Err(_) => 0,
         }
@@ -483,18 +514,17 @@ impl VirtioDevice for VirtioMem {
         let Some(mut queue) = self.queue.take() else {
             return Signal::default();
         };
-        let mut used = false;
-        if Self::rings_accessible(&queue, memory) {
-            let table = DescriptorTable {
-                addr: queue.desc_table(),
-                size: queue.size(),
-            };
-            while let Some(chain) = queue.pop_descriptor_chain(guest_memory) {
-                let head = chain.head_index();
-                let len = self.process_chain(guest_memory, memory, table, head);
-                used |= queue.add_used(guest_memory, head, len).is_ok();
-            }
-        } else {
+        let rings = ring_ranges(&queue);
+        let pass = run_pass(
+            &mut queue,
+            guest_memory,
+            memory,
+            PASS_BUDGET,
+            |memory, table, head| {
+                Completion::Used(self.process_chain(guest_memory, memory, table, head, &rings))
+            },
+        );
+        if pass.rings_lost {
             self.metrics.bad_rings += 1;
             tracing::warn!(
                 "virtio-mem {}: queue rings are not in accessible memory",
@@ -503,8 +533,10 @@ impl VirtioDevice for VirtioMem {
         }
         self.queue = Some(queue);
         Signal {
-            queue: used,
-            config: false,
+            queue: pass.used,
+            more: pass.more,
+            needs_reset: pass.rings_lost,
+            ..Signal::default()
         }
     }
 }

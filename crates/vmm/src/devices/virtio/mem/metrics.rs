@@ -43,8 +43,11 @@ pub struct VirtioMemMetrics {
     pub state: ResponseCounts,
     /// Chains that were not a valid request (bad descriptors, unknown type, inaccessible).
     pub malformed: u64,
-    /// Queue notifications ignored because the rings lie outside accessible memory.
+    /// Queue passes stopped because the rings lie outside accessible memory.
     pub bad_rings: u64,
+    /// Unplug requests refused because they would close their own response buffer or the
+    /// queue's rings.
+    pub self_closing: u64,
     /// Bytes plugged by acknowledged requests.
     pub bytes_plugged: u64,
     /// Bytes unplugged by acknowledged requests (UNPLUG and UNPLUG_ALL).

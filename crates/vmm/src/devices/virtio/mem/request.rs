@@ -1,24 +1,16 @@
-//! virtio-mem requests: parsing a descriptor chain into a typed [`Request`], and encoding the
-//! response.
-//!
-//! The guest driver controls every byte read here (descriptor table entries, addresses,
-//! lengths, flags, the request itself), so the parser walks the chain itself instead of using
-//! `virtio_queue::DescriptorChain`: that iterator follows indirect tables and reads buffers
-//! without asking whether the memory is plugged, and reading an unplugged (PROT_NONE) block
-//! would kill the VMM. Here every read is preceded by a [`GuestAccess`] check.
+//! virtio-mem requests: decoding a walked descriptor chain into a typed [`Request`], and
+//! encoding the response. The chain itself is walked, and every buffer read, by the shared
+//! checked walker in [`crate::devices::virtio::chain`].
 
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::{split::Descriptor, RawDescriptor};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::GuestMemory;
 
-use crate::memory::MemoryManager;
+use crate::devices::virtio::chain::{read_buffer, walk_chain, Buffer, ChainError};
+pub use crate::devices::virtio::chain::{DescriptorTable, GuestAccess};
 
 /// Size of a request on the wire.
 pub const REQUEST_SIZE: u64 = 24;
 /// Size of a response on the wire.
 pub const RESPONSE_SIZE: u64 = 10;
-/// Size of a split-queue descriptor.
-const DESCRIPTOR_SIZE: u64 = 16;
 
 /// Request type: plug blocks.
 pub const VIRTIO_MEM_REQ_PLUG: u16 = 0;
@@ -28,19 +20,6 @@ pub const VIRTIO_MEM_REQ_UNPLUG: u16 = 1;
 pub const VIRTIO_MEM_REQ_UNPLUG_ALL: u16 = 2;
 /// Request type: query block state.
 pub const VIRTIO_MEM_REQ_STATE: u16 = 3;
-
-/// Who decides whether the VMM may touch a guest range. [`MemoryManager`] is the real one;
-/// the fuzz target and tests use simpler ones.
-pub trait GuestAccess {
-    /// Whether `[gpa, gpa+len)` can be read and written without faulting.
-    fn is_accessible(&self, gpa: u64, len: u64) -> bool;
-}
-
-impl GuestAccess for MemoryManager {
-    fn is_accessible(&self, gpa: u64, len: u64) -> bool {
-        MemoryManager::is_accessible(self, gpa, len)
-    }
-}
 
 /// A well-formed request. `addr` and `nb_blocks` are still unchecked against the device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,14 +115,9 @@ pub fn encode_response(ty: ResponseType, state: u16) -> [u8; RESPONSE_SIZE as us
 /// Why a chain is not a valid request.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
-    /// A descriptor index beyond the queue size.
-    #[error("descriptor index {index} beyond queue size {queue_size}")]
-    DescriptorIndex {
-        /// The index.
-        index: u16,
-        /// The queue size.
-        queue_size: u16,
-    },
+    /// The chain could not be walked, or a buffer was not accessible.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     /// Indirect descriptors were not negotiated.
     #[error("indirect descriptor in a virtio-mem chain")]
     Indirect,
@@ -165,29 +139,9 @@ pub enum RequestError {
     /// More than two descriptors.
     #[error("more than two descriptors in the chain")]
     ExtraDescriptors,
-    /// A buffer or descriptor lies (partly) outside accessible guest memory.
-    #[error("guest range {addr:#x}+{len:#x} is not accessible")]
-    Inaccessible {
-        /// Guest-physical start.
-        addr: u64,
-        /// Length.
-        len: u64,
-    },
-    /// Guest memory refused an access the manager allowed (stale memory view).
-    #[error("guest memory access failed")]
-    Memory(#[source] vm_memory::GuestMemoryError),
     /// An unknown request type.
     #[error("unknown request type {0}")]
     UnknownType(u16),
-}
-
-/// Where a queue's descriptor table lives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DescriptorTable {
-    /// Guest-physical address.
-    pub addr: u64,
-    /// Number of descriptors.
-    pub size: u16,
 }
 
 /// The outcome of parsing one chain.
@@ -195,91 +149,50 @@ pub struct DescriptorTable {
 pub struct ParsedChain {
     /// Where to write the response, if the chain has a usable response buffer (writable, at
     /// least 10 bytes, accessible), even when the request itself is invalid.
-    pub response: Option<GuestAddress>,
+    pub response: Option<u64>,
     /// The request, or why there is none.
     pub request: Result<Request, RequestError>,
 }
 
-/// Reads descriptor `index` of `table` after checking it is in range and accessible.
-fn read_descriptor<M: GuestMemory + ?Sized>(
-    mem: &M,
-    access: &dyn GuestAccess,
-    table: DescriptorTable,
-    index: u16,
-) -> Result<Descriptor, RequestError> {
-    if index >= table.size {
-        return Err(RequestError::DescriptorIndex {
-            index,
-            queue_size: table.size,
-        });
-    }
-    let addr = table
-        .addr
-        .checked_add(u64::from(index) * DESCRIPTOR_SIZE)
-        .filter(|a| access.is_accessible(*a, DESCRIPTOR_SIZE))
-        .ok_or(RequestError::Inaccessible {
-            addr: table.addr,
-            len: u64::from(table.size) * DESCRIPTOR_SIZE,
-        })?;
-    let raw: RawDescriptor = mem
-        .read_obj(GuestAddress(addr))
-        .map_err(RequestError::Memory)?;
-    Ok(Descriptor::from(raw))
-}
-
-fn has(desc: &Descriptor, flag: u32) -> bool {
-    u32::from(desc.flags()) & flag != 0
-}
-
-/// Checks the second descriptor as a response buffer.
-fn check_response(
-    access: &dyn GuestAccess,
-    desc: &Descriptor,
-) -> Result<GuestAddress, RequestError> {
-    if has(desc, VRING_DESC_F_INDIRECT) {
+/// Checks the second buffer as a response buffer: device-writable, at least 10 bytes, and
+/// accessible when the chain is parsed (checked again when the response is written).
+fn check_response(access: &dyn GuestAccess, buffer: &Buffer) -> Result<u64, RequestError> {
+    if buffer.indirect {
         return Err(RequestError::Indirect);
     }
-    if !has(desc, VRING_DESC_F_WRITE) {
+    if !buffer.writable {
         return Err(RequestError::ReadOnlyResponse);
     }
-    if u64::from(desc.len()) < RESPONSE_SIZE {
-        return Err(RequestError::ResponseTooShort(desc.len()));
+    if u64::from(buffer.len) < RESPONSE_SIZE {
+        return Err(RequestError::ResponseTooShort(buffer.len));
     }
-    let addr = desc.addr().0;
-    if !access.is_accessible(addr, RESPONSE_SIZE) {
-        return Err(RequestError::Inaccessible {
-            addr,
+    if !access.is_accessible(buffer.addr, RESPONSE_SIZE) {
+        return Err(ChainError::Inaccessible {
+            addr: buffer.addr,
             len: RESPONSE_SIZE,
-        });
+        }
+        .into());
     }
-    Ok(desc.addr())
+    Ok(buffer.addr)
 }
 
-/// Checks the first descriptor and reads the request it points to.
+/// Checks the first buffer and reads the request it holds.
 fn read_request<M: GuestMemory + ?Sized>(
     mem: &M,
     access: &dyn GuestAccess,
-    desc: &Descriptor,
+    buffer: &Buffer,
 ) -> Result<Request, RequestError> {
-    if has(desc, VRING_DESC_F_INDIRECT) {
+    if buffer.indirect {
         return Err(RequestError::Indirect);
     }
-    if has(desc, VRING_DESC_F_WRITE) {
+    if buffer.writable {
         return Err(RequestError::WriteOnlyRequest);
     }
-    if u64::from(desc.len()) < REQUEST_SIZE {
-        return Err(RequestError::RequestTooShort(desc.len()));
-    }
-    let addr = desc.addr().0;
-    if !access.is_accessible(addr, REQUEST_SIZE) {
-        return Err(RequestError::Inaccessible {
-            addr,
-            len: REQUEST_SIZE,
-        });
+    if u64::from(buffer.len) < REQUEST_SIZE {
+        return Err(RequestError::RequestTooShort(buffer.len));
     }
     let mut bytes = [0u8; REQUEST_SIZE as usize];
-    mem.read_slice(&mut bytes, desc.addr())
-        .map_err(RequestError::Memory)?;
+    read_buffer(mem, access, buffer.addr, &mut bytes)?;
     Request::decode(&bytes)
 }
 
@@ -291,33 +204,31 @@ pub fn parse_chain<M: GuestMemory + ?Sized>(
     table: DescriptorTable,
     head: u16,
 ) -> ParsedChain {
-    let first = match read_descriptor(mem, access, table, head) {
-        Ok(desc) => desc,
+    // Two descriptors are all a request may have; a third is only noticed, never read.
+    let chain = match walk_chain(mem, access, table, head, 2) {
+        Ok(chain) => chain,
         Err(e) => {
             return ParsedChain {
                 response: None,
-                request: Err(e),
+                request: Err(e.into()),
             }
         }
     };
-    let second = has(&first, VRING_DESC_F_NEXT)
-        .then(|| read_descriptor(mem, access, table, first.next()))
-        .transpose();
-    let (response, second_error) = match &second {
-        Ok(Some(desc)) => match check_response(access, desc) {
-            Ok(addr) => (Some(addr), None),
-            Err(e) => (None, Some(e)),
-        },
-        Ok(None) => (None, Some(RequestError::MissingResponse)),
-        Err(_) => (None, None),
+    let [first, rest @ ..] = chain.buffers.as_slice() else {
+        return ParsedChain {
+            response: None,
+            request: Err(RequestError::MissingResponse),
+        };
     };
-    let request = match (second, second_error) {
-        (Err(e), _) => Err(e),
-        (_, Some(e)) => Err(e),
-        (Ok(Some(desc)), None) if has(&desc, VRING_DESC_F_NEXT) => {
-            Err(RequestError::ExtraDescriptors)
-        }
-        _ => read_request(mem, access, &first),
+    let (response, response_error) = match rest.first().map(|b| check_response(access, b)) {
+        Some(Ok(addr)) => (Some(addr), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, Some(RequestError::MissingResponse)),
+    };
+    let request = match response_error {
+        Some(e) => Err(e),
+        None if chain.continues => Err(RequestError::ExtraDescriptors),
+        None => read_request(mem, access, first),
     };
     ParsedChain { response, request }
 }

@@ -9,6 +9,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::device::*;
 use super::request::*;
 use crate::arch::x86_64::layout::{GuestLayout, GuestRange};
+use crate::devices::virtio::chain::ChainError;
 use crate::devices::virtio::{Signal, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::memory::{Backing, BlockRangeState, HotplugRegionId, MemoryManager};
 
@@ -247,7 +248,8 @@ fn invalid_configs_and_requested_sizes_are_refused() {
         signal,
         Signal {
             queue: false,
-            config: true
+            config: true,
+            ..Signal::default()
         }
     );
     assert_eq!(
@@ -500,7 +502,14 @@ fn rings_in_unplugged_memory_are_not_touched() {
         .unwrap();
     s.dev.activate(vec![queue]).unwrap();
     let signal = s.dev.process_queue(0, &mem, &mut s.mm);
-    assert_eq!(signal, Signal::default());
+    assert_eq!(
+        signal,
+        Signal {
+            needs_reset: true,
+            ..Signal::default()
+        },
+        "nothing touched; the driver is asked to reset"
+    );
     assert_eq!(s.dev.metrics().bad_rings, 1);
 }
 
@@ -592,15 +601,126 @@ fn parser_accepts_longer_buffers_and_decodes_every_type() {
             .unwrap();
         let parsed = parse_chain(&s.mem, &s.mm, table, 0);
         assert_eq!(parsed.request.unwrap(), want);
-        assert_eq!(parsed.response, Some(GuestAddress(RESP)));
+        assert_eq!(parsed.response, Some(RESP));
     }
     let parsed = parse_chain(&s.mem, &s.mm, table, QUEUE_SIZE);
     assert!(matches!(
         parsed.request,
-        Err(RequestError::DescriptorIndex { .. })
+        Err(RequestError::Chain(ChainError::DescriptorIndex { .. }))
     ));
     assert_eq!(
         encode_response(ResponseType::Busy, 2),
         [2, 0, 0, 0, 0, 0, 0, 0, 2, 0]
+    );
+}
+
+/// Hostile-guest defect 1: a request whose own unplug would close the memory its response
+/// buffer lies in. Checked before the request ran, the buffer was open; the unplug then made
+/// it PROT_NONE and the response write killed the VMM with SIGSEGV. The device must answer
+/// ERROR (the request is invalid) and leave the block plugged.
+#[test]
+fn unplug_of_the_block_holding_the_response_is_refused_not_a_crash() {
+    let mut s = setup(64 * MIB);
+    let mem = s.mem.clone();
+    let mut drv = Driver::start(&mut s, &mem);
+    assert_eq!(drv.send(&mut s, 0, BASE, 1), (10, ACK, 0));
+    let resp = BASE + 0x200;
+    mem.write_slice(&request(1, BASE, 1), GuestAddress(REQ))
+        .unwrap();
+    let (_, len) = drv.submit(&mut s, &[(REQ, 24, NEXT), (resp, 10, WRITE)]);
+    assert_eq!((len, response(&mem, resp)), (10, (ERROR, 0)));
+    assert_eq!(s.mm.plugged_bytes(s.id).unwrap(), BLOCK, "still plugged");
+    // UNPLUG_ALL with the response in plugged memory: the same.
+    mem.write_slice(&request(2, 0, 0), GuestAddress(REQ))
+        .unwrap();
+    let (_, len) = drv.submit(&mut s, &[(REQ, 24, NEXT), (resp, 10, WRITE)]);
+    assert_eq!((len, response(&mem, resp)), (10, (ERROR, 0)));
+    assert_eq!(s.mm.plugged_bytes(s.id).unwrap(), BLOCK, "still plugged");
+    // The request buffer itself in the block: it was read before the unplug, so only the
+    // response matters; an unplug of another block with the same response works.
+    assert_eq!(drv.send(&mut s, 0, BASE + BLOCK, 1), (10, ACK, 0));
+    assert_eq!(drv.send(&mut s, 1, BASE + BLOCK, 1), (10, ACK, 0));
+}
+
+/// Defect 1, the rings: the descriptor table, the available and the used ring in the block a
+/// request unplugs. `add_used` and the next pop would write and read closed memory.
+#[test]
+fn unplug_of_the_block_holding_the_rings_is_refused_not_a_crash() {
+    for (ring, ty) in [(0u64, 1u16), (0, 2)] {
+        let mut s = setup(64 * MIB);
+        let mem = s.mem.clone();
+        // Plug block 0 through a queue in boot RAM, then move the rings into block 0.
+        let mut drv = Driver::start(&mut s, &mem);
+        assert_eq!(drv.send(&mut s, 0, BASE, 1), (10, ACK, 0));
+        drop(drv);
+        let queue_addr = BASE + ring;
+        let mock = MockSplitQueue::create(&mem, GuestAddress(queue_addr), QUEUE_SIZE);
+        s.dev.reset();
+        assert!(s
+            .dev
+            .ack_features(VIRTIO_F_VERSION_1 | VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE));
+        s.dev
+            .activate(vec![mock.create_queue::<Queue>().unwrap()])
+            .unwrap();
+        mem.write_slice(&request(ty, BASE, 1), GuestAddress(REQ))
+            .unwrap();
+        let raw = [
+            RawDescriptor::from(Descriptor::new(REQ, 24, NEXT, 1)),
+            RawDescriptor::from(Descriptor::new(RESP, 10, WRITE, 0)),
+        ];
+        mock.add_desc_chains(&raw, 0).unwrap();
+        let signal = s.dev.process_queue(0, &mem, &mut s.mm);
+        assert!(signal.queue, "type {ty}: answered");
+        assert_eq!(response(&mem, RESP), (ERROR, 0), "type {ty}");
+        assert_eq!(mock.used().idx().load(), 1, "type {ty}");
+        assert_eq!(s.mm.plugged_bytes(s.id).unwrap(), BLOCK, "type {ty}");
+    }
+}
+
+/// Hostile-guest defect 3: a driver that keeps reposting a chain held the control loop for as
+/// long as it kept going. One pass now completes at most `PASS_BUDGET` chains and says there
+/// is more, so the transport notifies the queue again after the loop's other work.
+#[test]
+fn one_pass_is_bounded_by_its_budget() {
+    use crate::devices::virtio::chain::PASS_BUDGET;
+    let mut s = setup(64 * MIB);
+    let mem = s.mem.clone();
+    let size = 128u16;
+    let mock = MockSplitQueue::create(&mem, GuestAddress(QUEUE_ADDR), size);
+    // The mock lays a 128-entry used ring over its available ring; give it its own page.
+    let used_ring = QUEUE_ADDR + 0x4000;
+    let mut queue: Queue = mock.create_queue().unwrap();
+    queue
+        .try_set_used_ring_address(GuestAddress(used_ring))
+        .unwrap();
+    let used_idx = || mem.read_obj::<u16>(GuestAddress(used_ring + 2)).unwrap();
+    assert!(s
+        .dev
+        .ack_features(VIRTIO_F_VERSION_1 | VIRTIO_MEM_F_UNPLUGGED_INACCESSIBLE));
+    s.dev.activate(vec![queue]).unwrap();
+    mem.write_slice(&request(3, BASE, 1), GuestAddress(REQ))
+        .unwrap();
+    let raw = [
+        RawDescriptor::from(Descriptor::new(REQ, 24, NEXT, 1)),
+        RawDescriptor::from(Descriptor::new(RESP, 10, WRITE, 0)),
+    ];
+    mock.add_desc_chains(&raw, 0).unwrap();
+    // The same chain, made available 100 times.
+    let posted = 100u16;
+    for i in 0..posted {
+        mock.avail().ring().ref_at(usize::from(i)).unwrap().store(0);
+    }
+    mock.avail().idx().store(posted);
+    let first = s.dev.process_queue(0, &mem, &mut s.mm);
+    assert!(first.queue && first.more, "{first:?}");
+    assert_eq!(used_idx(), PASS_BUDGET as u16);
+    let second = s.dev.process_queue(0, &mem, &mut s.mm);
+    assert!(second.queue && !second.more, "{second:?}");
+    assert_eq!(used_idx(), posted);
+    assert_eq!(
+        s.dev.metrics().state.ack,
+        u64::from(posted),
+        "{:?}",
+        s.dev.metrics()
     );
 }
