@@ -49,7 +49,7 @@ impl MemoryManager {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::arch::x86_64::layout::GuestLayout;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -58,7 +58,7 @@ mod tests {
 
     /// A manager with 256 MiB of boot RAM registered with a fresh VM, or `None` (and a loud
     /// SKIPPED) when this host has no usable /dev/kvm.
-    fn manager_with_vm() -> Option<(MemoryManager, Arc<VmFd>)> {
+    pub(crate) fn manager_with_vm() -> Option<(MemoryManager, Arc<VmFd>)> {
         let vm = kvm_ioctls::Kvm::new()
             .ok()
             .and_then(|kvm| kvm.create_vm().ok())

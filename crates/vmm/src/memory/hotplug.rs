@@ -511,7 +511,17 @@ impl MemoryManager {
                 return Err(e);
             }
         }
-        self.sync_slots(id)
+        if let Err(e) = self.sync_slots(id) {
+            // All or nothing: KVM refused a slot, so the blocks are closed again and the
+            // slots put back as they were, before the guest hears BUSY.
+            let region = self.region_mut(id)?;
+            for &(first, n) in &runs {
+                let _ = region.unplug_run(first, n);
+            }
+            let _ = self.sync_slots(id);
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Unplugs `count` blocks from `first_block`: discards their memory and makes them
@@ -530,7 +540,16 @@ impl MemoryManager {
         for &(first, n) in &runs {
             region.plugged.set_range(first, n, false);
         }
-        self.sync_slots(id)?;
+        if let Err(e) = self.sync_slots(id) {
+            // Nothing was discarded yet: the blocks keep their old state (plugged), as
+            // `PlugError` promises, and the guest may retry after BUSY.
+            let region = self.region_mut(id)?;
+            for &(first, n) in &runs {
+                region.plugged.set_range(first, n, true);
+            }
+            let _ = self.sync_slots(id);
+            return Err(e);
+        }
         let region = self.region_mut(id)?;
         for (first, n) in runs {
             region.unplug_run(first, n)?;

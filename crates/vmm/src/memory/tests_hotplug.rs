@@ -350,3 +350,56 @@ fn kvm_slots_cover_the_chunks_holding_plugged_blocks() {
     assert!(hotplug_slots(&mm).is_empty());
     assert_eq!(mm.slots().len(), boot_slots);
 }
+
+/// Hostile-guest defect 7: when KVM refused the memory slot for a plug, the blocks stayed
+/// open (readable, writable, counted as plugged) while the guest was told BUSY. A plug is
+/// all-or-nothing: on a slot failure the blocks are closed again and nothing is plugged.
+#[test]
+fn plug_is_all_or_nothing_when_kvm_refuses_the_slot() {
+    let Some((mut mm, vm)) = super::dimm::tests::manager_with_vm() else {
+        return;
+    };
+    let start = mm.layout().hotplug_area.start;
+    let range = GuestRange {
+        start,
+        size: 256 * MIB,
+    };
+    let id = mm
+        .add_hotplug_region(&vm, range, BLOCK, Backing::Anonymous, false)
+        .unwrap();
+    mm.plug(id, 0, 1).unwrap();
+    // A slot of someone else's over the second 128 MiB chunk: KVM refuses an overlapping one.
+    let host = mm.guest_memory().get_host_address(GuestAddress(0)).unwrap() as u64;
+    let foreign = kvm_userspace_memory_region {
+        slot: 1000,
+        flags: 0,
+        guest_phys_addr: start + 128 * MIB,
+        memory_size: BLOCK,
+        userspace_addr: host,
+    };
+    // SAFETY: the slot maps 2 MiB of the manager's boot RAM, which lives as long as `mm`,
+    // dropped after the VM at the end of the test; the guest never runs.
+    unsafe { vm.set_user_memory_region(foreign) }.unwrap();
+    let first_of_chunk_1 = 128 * MIB / BLOCK;
+    let err = mm.plug(id, first_of_chunk_1, 2).unwrap_err();
+    assert!(matches!(err, PlugError::Slot(_)), "{err}");
+    assert_eq!(mm.plugged_bytes(id).unwrap(), BLOCK, "only the first plug");
+    assert!(
+        !mm.is_accessible(start + 128 * MIB, 2 * BLOCK),
+        "the refused blocks are closed again"
+    );
+    assert_eq!(
+        mm.block_state(id, first_of_chunk_1, 2).unwrap(),
+        BlockRangeState::Unplugged
+    );
+    // The earlier plug is untouched, and once KVM agrees the same plug works.
+    assert!(mm.is_accessible(start, BLOCK));
+    let remove = kvm_userspace_memory_region {
+        memory_size: 0,
+        ..foreign
+    };
+    // SAFETY: deletes the slot added above.
+    unsafe { vm.set_user_memory_region(remove) }.unwrap();
+    mm.plug(id, first_of_chunk_1, 2).unwrap();
+    assert!(mm.is_accessible(start + 128 * MIB, 2 * BLOCK));
+}
