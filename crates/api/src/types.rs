@@ -92,6 +92,16 @@ pub struct BalloonInfo {
     pub warnings: Vec<String>,
     /// The VMM's resident memory, measured by the host.
     pub host_rss: HostRss,
+    /// Inflated pages the guest wrote without deflating them first (exact, page by page).
+    #[serde(default)]
+    pub reused_pages: u64,
+    /// The first ranges of those pages, guest-physical.
+    #[serde(default)]
+    pub reused_ranges: Vec<GuestRange>,
+    /// Inflated pages holding host memory again with nothing written (guest reads, host
+    /// huge pages refaulted around a write).
+    #[serde(default)]
+    pub refaulted_zero_pages: u64,
 }
 
 /// The guest's memory statistics, as it reported them.

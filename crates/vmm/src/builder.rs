@@ -322,6 +322,7 @@ pub fn build_vm(
                 free_page_reporting: balloon_config.free_page_reporting,
                 stats_interval: balloon_config.stats_interval,
                 per_page_discard: balloon_config.per_page_discard,
+                on_reuse: balloon_config.on_reuse,
             })
             .map_err(BuildError::Balloon)?;
             Some(attacher.attach("balloon".into(), device)?)

@@ -324,7 +324,7 @@ impl VirtioMemDeviceConfig {
 }
 
 /// The balloon: `size=SIZE,deflate-on-oom=on|off,free-page-reporting=on|off,stats-interval=5s,
-/// discard=merged|per-page` (every key optional).
+/// discard=merged|per-page,on-reuse=report|stop|uncount` (every key optional).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BalloonDeviceConfig {
     /// Initial target.
@@ -338,6 +338,8 @@ pub struct BalloonDeviceConfig {
     /// One discard syscall per 4 KiB page instead of per contiguous range: QEMU's way, for
     /// benchmarks that compare the two.
     pub per_page_discard: bool,
+    /// What to do when the guest touches pages it inflated (`on-reuse=report|stop|uncount`).
+    pub on_reuse: crate::devices::virtio::balloon::ReusePolicy,
 }
 
 impl BalloonDeviceConfig {
@@ -359,6 +361,7 @@ impl BalloonDeviceConfig {
             free_page_reporting: false,
             stats_interval: Some(std::time::Duration::from_secs(5)),
             per_page_discard: false,
+            on_reuse: Default::default(),
         };
         for item in value.split(',').filter(|i| !i.is_empty()) {
             let (key, v) = item
@@ -375,6 +378,19 @@ impl BalloonDeviceConfig {
                         _ => {
                             return Err(invalid(format!(
                                 "discard must be merged or per-page, not '{v}'"
+                            )))
+                        }
+                    }
+                }
+                "on-reuse" => {
+                    use crate::devices::virtio::balloon::ReusePolicy;
+                    config.on_reuse = match v {
+                        "report" => ReusePolicy::Report,
+                        "stop" => ReusePolicy::Stop,
+                        "uncount" => ReusePolicy::Uncount,
+                        _ => {
+                            return Err(invalid(format!(
+                                "on-reuse must be report, stop or uncount, not '{v}'"
                             )))
                         }
                     }

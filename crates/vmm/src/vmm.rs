@@ -131,6 +131,9 @@ pub struct Vmm {
     violation_count: u64,
     /// When the balloon's statistics are due next.
     next_stats: Option<std::time::Instant>,
+    /// The balloon's reuse scan found the guest writing inflated pages, and its policy is
+    /// to stop the VM.
+    reuse_stop: bool,
 }
 
 /// How many memory violations the API keeps.
@@ -159,6 +162,7 @@ impl Vmm {
             violations: Vec::new(),
             violation_count: 0,
             next_stats: None,
+            reuse_stop: false,
         })
     }
 
@@ -225,6 +229,12 @@ impl Vmm {
         let mut ready = vec![EpollEvent::default(); 32];
         loop {
             let timeout_ms = self.poll_balloon_stats();
+            if std::mem::take(&mut self.reuse_stop) {
+                self.stop_vm();
+                return Err(VmmError::GuestFailed(
+                    "the guest wrote pages it had given to the balloon (on-reuse=stop)".into(),
+                ));
+            }
             let count = match self.epoll.wait(timeout_ms, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -267,6 +277,9 @@ impl Vmm {
                 .device_mut()
                 .request_stats(&guest_memory, &vm.memory);
             transport.raise(signal, STATS_QUEUE);
+            if transport.device_mut().scan_for_reuse(&vm.memory) {
+                self.reuse_stop = true;
+            }
             self.next_stats = Some(now + interval);
             return interval.as_millis().min(i32::MAX as u128) as i32;
         }
@@ -426,12 +439,16 @@ impl Vmm {
             .vm
             .as_ref()
             .ok_or_else(|| ApiError::conflict("the VM is not running"))?;
-        let status = self
-            .balloon_handle()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .device()
-            .status();
+        let status = {
+            let mut transport = self
+                .balloon_handle()?
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            // Fresh, so that what the API shows is exact now; a stop policy acts on the
+            // next stats poll.
+            transport.device_mut().scan_for_reuse(&vm.memory);
+            transport.device().status()
+        };
         let split = vm.memory.resident();
         let plugged: u64 = vm
             .virtio_mem
@@ -444,13 +461,21 @@ impl Vmm {
                     .plugged_size
             })
             .sum();
+        // DIMMs are guest RAM too: their resident memory is in `split.guest`.
+        let dimm_bytes: u64 = self.config.dimms.iter().map(|d| d.size).sum();
         let mut warnings = Vec::new();
+        if status.reused.reused_pages > 0 {
+            warnings.push(format!(
+                "the guest wrote {} pages it had inflated, without deflating them first",
+                status.reused.reused_pages
+            ));
+        }
         if let Some(warning) = self
             .balloon_handle()?
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .device()
-            .audit(split.guest, self.config.memory.size + plugged)
+            .audit(split.guest, self.config.memory.size + plugged + dimm_bytes)
         {
             warnings.push(warning);
         }
@@ -479,6 +504,17 @@ impl Vmm {
                 guest_memory_bytes: split.guest,
                 vmm_bytes: split.total.saturating_sub(split.guest),
             },
+            reused_pages: status.reused.reused_pages,
+            reused_ranges: status
+                .reused
+                .reused_ranges
+                .iter()
+                .map(|r| tidevm_api::GuestRange {
+                    start: r.start,
+                    size: r.size,
+                })
+                .collect(),
+            refaulted_zero_pages: status.reused.refaulted_zero_pages,
         })
     }
 

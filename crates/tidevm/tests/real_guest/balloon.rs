@@ -161,6 +161,15 @@ fn deflate_on_oom(lane: &Lane) -> Result<()> {
         "memtouch under pressure",
     )?;
     let after = balloon_info(&guest)?;
+    check(
+        after.reused_pages == 0,
+        &guest,
+        format!(
+            "deflate on OOM is not reuse: the driver deflates before it uses a page, yet {} \
+             pages were reported at {:?}",
+            after.reused_pages, after.reused_ranges
+        ),
+    )?;
     let dmesg = guest.run(
         "dmesg | grep -ciE 'out of memory|killed process' || true",
         CMD,
@@ -254,6 +263,13 @@ fn inflate_deflate(lane: &Lane) -> Result<()> {
         stats.contains("\"free_memory\"") && stats.contains("\"age_seconds\""),
         &guest,
         format!("no guest statistics in balloon-stats: {stats}"),
+    )?;
+    // The honest Linux driver never writes a page it inflated: the exact reuse detection
+    // must not accuse it (a false positive here would make the detection worthless).
+    check(
+        stats.contains("\"reused_pages\": 0"),
+        &guest,
+        format!("reuse detection accused the Linux driver: {stats}"),
     )?;
 
     let (rc, out) = lane_ctl("balloon 0 --wait --timeout 280", 300)?;

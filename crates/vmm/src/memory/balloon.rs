@@ -200,6 +200,23 @@ impl MemoryManager {
         Ok(outcome)
     }
 
+    /// Which 4 KiB pages of `[gpa, gpa+len)` hold host memory right now, one `bool` per page,
+    /// without faulting anything in. `None` when the range is not accessible guest memory
+    /// inside one mapping, or lies in hugetlbfs memory (a huge page is resident as a whole,
+    /// so 4 KiB residency says nothing about what the guest touched).
+    pub fn resident_page_map(&self, gpa: u64, len: u64) -> Option<Vec<bool>> {
+        if !self.is_accessible(gpa, len) {
+            return None;
+        }
+        let region = self.guest_memory.find_region(GuestAddress(gpa))?;
+        if region.is_hugetlbfs() == Some(true) {
+            return None;
+        }
+        let offset = gpa - region.start_addr().0;
+        let map = super::discard::residency(region, offset, len).ok()?;
+        Some(map.iter().map(|b| b & 1 != 0).collect())
+    }
+
     /// Resident 4 KiB host pages behind `[gpa, gpa+len)` of one mapping (tests only).
     #[cfg(test)]
     pub(crate) fn resident_guest_pages(&self, gpa: u64, len: u64) -> usize {

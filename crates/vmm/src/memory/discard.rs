@@ -45,8 +45,9 @@ fn checked_range(
     Ok((ptr.cast(), len as usize))
 }
 
-/// Number of resident 4 KiB host pages in `[offset, offset+len)` of any guest memory mapping.
-pub(crate) fn resident_pages(region: &GuestRegionMmap, offset: u64, len: u64) -> io::Result<usize> {
+/// One byte per 4 KiB host page of `[offset, offset+len)` of any guest memory mapping, bit 0
+/// set when the page is resident (mincore's answer; it faults nothing in).
+pub(crate) fn residency(region: &GuestRegionMmap, offset: u64, len: u64) -> io::Result<Vec<u8>> {
     let (ptr, ulen) = checked_range(region, offset, len)?;
     let mut vec = vec![0u8; ulen.div_ceil(4096)];
     // SAFETY: the range is inside the mapping (checked; mincore also accepts PROT_NONE
@@ -54,7 +55,15 @@ pub(crate) fn resident_pages(region: &GuestRegionMmap, offset: u64, len: u64) ->
     if unsafe { libc::mincore(ptr, ulen, vec.as_mut_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(vec.iter().filter(|b| **b & 1 != 0).count())
+    Ok(vec)
+}
+
+/// Number of resident 4 KiB host pages in `[offset, offset+len)` of any guest memory mapping.
+pub(crate) fn resident_pages(region: &GuestRegionMmap, offset: u64, len: u64) -> io::Result<usize> {
+    Ok(residency(region, offset, len)?
+        .iter()
+        .filter(|b| **b & 1 != 0)
+        .count())
 }
 
 /// Creates a memfd of `size` bytes, hugetlb-backed with pages of `huge_page` bytes if given.

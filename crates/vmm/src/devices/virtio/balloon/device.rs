@@ -22,6 +22,7 @@ use super::request::{
     pfns_to_ranges, read_buffers, read_pfns, reported_ranges, split_accessible, walk_chain,
     DescriptorTable, RequestError, BALLOON_PAGE_SIZE, PFN_SHIFT,
 };
+use super::reuse::{self, ReusePolicy, ReuseScan};
 use super::stats::{parse_stats, ReceivedStats, StatsSnapshot, ENTRY_SIZE, MAX_ENTRIES};
 use crate::arch::x86_64::layout::GuestRange;
 use crate::devices::virtio::{ActivateError, Signal, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -76,6 +77,8 @@ pub struct BalloonConfig {
     /// Discard every 4 KiB page with its own syscall instead of merging contiguous pages
     /// (QEMU's way; for benchmarks only).
     pub per_page_discard: bool,
+    /// What to do when the guest touches pages it inflated.
+    pub on_reuse: ReusePolicy,
 }
 
 /// Errors of the balloon's host API.
@@ -111,6 +114,9 @@ pub struct BalloonStatus {
     pub reporting_queue: Option<usize>,
     /// Last statistics, if any arrived.
     pub stats: Option<StatsSnapshot>,
+    /// Inflated pages found resident again by the last reuse scan (the guest used them
+    /// without deflating), with their first ranges.
+    pub reused: ReuseScan,
 }
 
 /// What a queue is used for after activation.
@@ -136,6 +142,8 @@ pub struct BalloonDevice {
     stats_buffer: Option<u16>,
     stats: Option<ReceivedStats>,
     metrics: BalloonMetrics,
+    /// The last reuse scan.
+    last_scan: ReuseScan,
 }
 
 impl BalloonDevice {
@@ -151,6 +159,7 @@ impl BalloonDevice {
             stats_buffer: None,
             stats: None,
             metrics: BalloonMetrics::default(),
+            last_scan: ReuseScan::default(),
         })
     }
 
@@ -186,7 +195,32 @@ impl BalloonDevice {
                 .stats
                 .as_ref()
                 .map(|s| s.snapshot(self.config.stats_interval)),
+            reused: self.last_scan.clone(),
         }
+    }
+
+    /// Looks for inflated pages the guest touched again, and drops pages that are no longer
+    /// guest memory from the host's count (see [`reuse`](super::reuse)). Returns whether the
+    /// policy asks to stop the VM. Cost: one `mincore` per 2 MiB chunk holding inflated pages.
+    pub fn scan_for_reuse(&mut self, memory: &MemoryManager) -> bool {
+        let uncount = self.config.on_reuse == ReusePolicy::Uncount;
+        let scan = reuse::scan(&mut self.inflated, memory, uncount);
+        self.metrics.pages_pruned += scan.pruned_pages;
+        if scan.reused_pages > self.last_scan.reused_pages || uncount && scan.reused_pages > 0 {
+            self.metrics.reuse_detections += 1;
+            tracing::warn!(
+                "virtio-balloon: the guest touched {} inflated pages without deflating them, \
+                 first at {:?}",
+                scan.reused_pages,
+                scan.reused_ranges.first()
+            );
+        }
+        if uncount {
+            self.metrics.pages_reused_uncounted += scan.reused_pages;
+        }
+        let stop = self.config.on_reuse == ReusePolicy::Stop && scan.reused_pages > 0;
+        self.last_scan = scan;
+        stop
     }
 
     /// The device's counters.

@@ -43,4 +43,10 @@ pub struct BalloonMetrics {
     pub stats_irregular: u64,
     /// Writes of `actual` by the driver.
     pub actual_writes: u64,
+    /// Scans that found more inflated pages touched again than the scan before.
+    pub reuse_detections: u64,
+    /// Reused pages removed from the inflated set (`on-reuse=uncount`).
+    pub pages_reused_uncounted: u64,
+    /// Inflated pages dropped because they stopped being guest memory (unplugged, ejected).
+    pub pages_pruned: u64,
 }

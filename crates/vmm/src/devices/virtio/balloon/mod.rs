@@ -17,10 +17,12 @@ pub mod device;
 pub mod metrics;
 pub mod pages;
 pub mod request;
+pub mod reuse;
 pub mod stats;
 #[cfg(test)]
 mod tests;
 
 pub use device::{BalloonConfig, BalloonDevice, BalloonError, BalloonStatus};
 pub use metrics::BalloonMetrics;
+pub use reuse::{ReusePolicy, ReuseScan};
 pub use stats::StatsSnapshot;

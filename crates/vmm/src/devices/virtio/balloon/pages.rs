@@ -10,8 +10,9 @@
 use std::collections::BTreeMap;
 
 /// Pages per chunk: 512 x 4 KiB = 2 MiB.
-const CHUNK_PAGES: u64 = 512;
-const WORDS: usize = (CHUNK_PAGES / 64) as usize;
+pub const CHUNK_PAGES: u64 = 512;
+/// 64-bit words in a chunk's page mask.
+pub const WORDS: usize = (CHUNK_PAGES / 64) as usize;
 
 /// A set of page frame numbers.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -72,6 +73,13 @@ impl InflatedPages {
     /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
         self.count == 0
+    }
+
+    /// The 2 MiB chunks holding pages, as (first PFN, 512-bit page mask), in PFN order.
+    pub fn chunks(&self) -> impl Iterator<Item = (u64, [u64; WORDS])> + '_ {
+        self.chunks
+            .iter()
+            .map(|(chunk, words)| (chunk * CHUNK_PAGES, *words))
     }
 
     /// Empties the set (the guest dropped its balloon: device reset).
