@@ -463,7 +463,7 @@ struct VirtioPciAttacher<'a> {
     vm_fd: &'a Arc<VmFd>,
     bars: &'a mut BarAllocator,
     msi_routing: &'a Arc<MsiRouting>,
-    mmio_bus: &'a Bus,
+    mmio_bus: &'a Arc<Bus>,
     pci: &'a Arc<Mutex<PciRoot>>,
 }
 
@@ -481,6 +481,7 @@ impl VirtioPciAttacher<'_> {
             bar,
             self.msi_routing.clone(),
             self.vm_fd.clone(),
+            self.mmio_bus.clone(),
         )?));
         self.mmio_bus.insert(transport.clone(), bar, BAR_SIZE)?;
         self.pci

@@ -76,6 +76,34 @@ impl Bus {
         Ok(())
     }
 
+    /// Moves the device placed at exactly `old_base` to `new_base` (a BAR the guest
+    /// reprogrammed). On an overlap or an invalid range nothing moves.
+    pub fn relocate(&self, old_base: u64, new_base: u64) -> Result<(), BusError> {
+        let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
+        let Some((len, device)) = ranges.remove(&old_base) else {
+            return Err(BusError::InvalidRange {
+                base: old_base,
+                len: 0,
+            });
+        };
+        let end = new_base.checked_add(len);
+        let overlap = end.is_none_or(|end| {
+            ranges
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&other, &(other_len, _))| other + other_len > new_base)
+        });
+        if overlap {
+            ranges.insert(old_base, (len, device));
+            return Err(BusError::Overlap {
+                base: new_base,
+                len,
+            });
+        }
+        ranges.insert(new_base, (len, device));
+        Ok(())
+    }
+
     /// Removes the device placed at exactly `base`.
     pub fn remove(&self, base: u64) -> bool {
         let mut ranges = self.ranges.write().unwrap_or_else(|e| e.into_inner());
@@ -164,5 +192,21 @@ mod tests {
         assert!(!bus.write(u64::MAX - 1, &[0; 4]));
         assert!(bus.remove(0x110));
         assert!(!bus.read(0x110, &mut out));
+    }
+}
+
+/// Devices for other modules' tests.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::BusDevice;
+
+    /// A device that reads as zeros and ignores writes.
+    pub(crate) struct Null;
+
+    impl BusDevice for Null {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
     }
 }

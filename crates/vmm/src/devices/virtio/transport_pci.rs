@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::chain::rings_accessible;
 use super::msix::{MsixTable, NO_VECTOR};
 use super::{Signal, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::bus::Bus;
 use crate::devices::pci::config_space::{Bar64, PciConfigSpace, PciIdentity, BAR0_REG};
 use crate::devices::pci::PciDevice;
 use crate::devices::BusDevice;
@@ -48,7 +49,6 @@ const CFG_ISR: u8 = 3;
 const CFG_DEVICE: u8 = 4;
 const CFG_PCI: u8 = 5;
 
-const STATUS_ACKNOWLEDGE: u8 = 1;
 const STATUS_DRIVER_OK: u8 = 4;
 const STATUS_FEATURES_OK: u8 = 8;
 const STATUS_DEVICE_NEEDS_RESET: u8 = 0x40;
@@ -114,6 +114,8 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     queue_evts: Vec<EventFd>,
     activation: Activation,
     vm: Arc<VmFd>,
+    /// The MMIO bus BAR0 sits on, so that a BAR the guest moves moves there too.
+    mmio_bus: Arc<Bus>,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioPciDevice<D> {
@@ -210,6 +212,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         bar_addr: u64,
         routing: Arc<MsiRouting>,
         vm: Arc<VmFd>,
+        mmio_bus: Arc<Bus>,
     ) -> Result<Self, VirtioPciError> {
         let queue_count = device.queue_max_sizes().len();
         let mut config = PciConfigSpace::new(PciIdentity {
@@ -291,6 +294,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             queue_evts,
             activation: Activation::NotReady,
             vm,
+            mmio_bus,
         };
         transport.register_ioevents(true)?;
         Ok(transport)
@@ -453,6 +457,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             self.reset();
             return;
         }
+        // Only a reset clears status bits ("the driver MUST NOT clear a device status bit"):
+        // a driver that clears DRIVER_OK and sets it again must not re-activate the queues
+        // from index 0 and replay every request. DEVICE_NEEDS_RESET is the device's to set.
+        let value = (value & !STATUS_DEVICE_NEEDS_RESET) | self.status;
         let newly = value & !self.status;
         let mut value = value;
         if newly & STATUS_FEATURES_OK != 0 {
@@ -465,7 +473,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         if newly & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK != 0 {
             self.activation = Activation::Pending;
         }
-        self.status = value | (self.status & STATUS_ACKNOWLEDGE);
+        self.status = value;
     }
 
     fn selected_queue(&mut self) -> Option<&mut QueueRegs> {
@@ -590,6 +598,12 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         if new_addr == self.bar_addr || !new_addr.is_multiple_of(BAR_SIZE) {
             return;
         }
+        // The MMIO bus entry first: if the guest put the BAR over another device, nothing
+        // moves (the guest's next accesses at the new address find no device).
+        if let Err(e) = self.mmio_bus.relocate(self.bar_addr, new_addr) {
+            tracing::warn!("{}: BAR0 cannot move to {new_addr:#x}: {e}", self.id);
+            return;
+        }
         if self.register_ioevents(false).is_err() {
             tracing::warn!("{}: cannot move queue notifications", self.id);
         }
@@ -670,3 +684,7 @@ impl<D: VirtioDevice> PciDevice for VirtioPciDevice<D> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "transport_pci_tests.rs"]
+mod tests;
