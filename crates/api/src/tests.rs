@@ -760,6 +760,9 @@ fn client_times_out_on_a_silent_server() {
         .vm_info()
         .unwrap_err();
     assert!(matches!(error, ClientError::Timeout { .. }), "{error:?}");
+    // Giving up does not take the request back: the message must not suggest it failed.
+    let message = error.to_string();
+    assert!(message.contains("may still be carried out"), "{message}");
 }
 
 /// The (method, path) pairs listed under `paths:` in an OpenAPI YAML document
