@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
@@ -30,6 +30,9 @@ use crate::types::{
     AddDimmBody, ApiError, ApiRequest, ApiResponse, ErrorBody, RequestHandler, ResizeVirtioMemBody,
     SetBalloonBody,
 };
+
+/// Permissions of the API socket unless told otherwise: its owner only.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 /// Largest request body the server reads; larger ones get HTTP 413.
 pub const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
@@ -111,6 +114,24 @@ pub enum ApiServerError {
         /// OS error.
         reason: io::Error,
     },
+    /// The requested socket mode is not plain permission bits.
+    #[error("invalid API socket mode {mode:o} for {path}: give permission bits only, at most 777 (octal)")]
+    InvalidMode {
+        /// Socket path.
+        path: PathBuf,
+        /// The mode asked for.
+        mode: u32,
+    },
+    /// The socket's permissions could not be set; the socket is removed again.
+    #[error("cannot set the permissions of API socket {path} to {mode:o}: {reason}")]
+    Permissions {
+        /// Socket path.
+        path: PathBuf,
+        /// The mode asked for.
+        mode: u32,
+        /// OS error.
+        reason: io::Error,
+    },
     /// `spawn` was called twice, or after `shutdown`.
     #[error("API server on {path} is already serving or was shut down")]
     NotListening {
@@ -125,6 +146,24 @@ pub enum ApiServerError {
         /// OS error.
         reason: io::Error,
     },
+}
+
+/// A socket mode that is not octal permission bits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid socket mode '{0}': expected octal permission bits such as 600 or 660 (at most 777)"
+)]
+pub struct InvalidSocketMode(pub String);
+
+/// Parses a socket mode written in octal: `600`, `0660`, `0o660`.
+pub fn parse_socket_mode(text: &str) -> Result<u32, InvalidSocketMode> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    let valid = !digits.is_empty() && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    valid
+        .then(|| u32::from_str_radix(digits, 8).ok())
+        .flatten()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| InvalidSocketMode(text.to_owned()))
 }
 
 /// A bound API socket. Serve it with [`ApiServer::spawn`].
@@ -146,12 +185,25 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Bind the API socket at `path`.
+    /// Bind the API socket at `path`, readable and writable by its owner only
+    /// ([`DEFAULT_SOCKET_MODE`], whatever the umask).
     ///
     /// A stale socket file (nobody listening) is replaced; a socket that
     /// another process still serves is an error, as is anything at `path`
     /// that is not a socket.
     pub fn bind(path: &Path) -> Result<ApiServer, ApiServerError> {
+        Self::bind_with_mode(path, DEFAULT_SOCKET_MODE)
+    }
+
+    /// [`ApiServer::bind`] with the socket's permission bits set to `mode` (e.g. `0o660` to
+    /// let a group control the VM). Whoever may write the socket controls the VM.
+    pub fn bind_with_mode(path: &Path, mode: u32) -> Result<ApiServer, ApiServerError> {
+        if mode & !0o777 != 0 {
+            return Err(ApiServerError::InvalidMode {
+                path: path.to_owned(),
+                mode,
+            });
+        }
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.is_dir() {
                 return Err(ApiServerError::ParentDirMissing {
@@ -178,19 +230,33 @@ impl ApiServer {
             path: path.to_owned(),
             reason,
         })?;
+        // From here on, dropping the server removes the socket file again.
+        let server = ApiServer {
+            socket_path: path.to_owned(),
+            socket_identity: (metadata.dev(), metadata.ino()),
+            listener: Mutex::new(None),
+            stop: Arc::new(Notify::new()),
+            socket_removed: AtomicBool::new(false),
+        };
+        // bind() created the file with the umask's permissions; narrow them before serving.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |reason| ApiServerError::Permissions {
+                path: path.to_owned(),
+                mode,
+                reason,
+            },
+        )?;
         listener
             .set_nonblocking(true)
             .map_err(|reason| ApiServerError::Bind {
                 path: path.to_owned(),
                 reason,
             })?;
-        Ok(ApiServer {
-            socket_path: path.to_owned(),
-            socket_identity: (metadata.dev(), metadata.ino()),
-            listener: Mutex::new(Some(listener)),
-            stop: Arc::new(Notify::new()),
-            socket_removed: AtomicBool::new(false),
-        })
+        // A client that connected while the umask's permissions still applied is refused:
+        // nobody may have a connection the final permissions would not allow.
+        while listener.accept().is_ok() {}
+        *lock_ignoring_poison(&server.listener) = Some(listener);
+        Ok(server)
     }
 
     /// Path of the socket.
@@ -931,6 +997,27 @@ mod tests {
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let response = error_response(&ApiError::conflict("busy"));
         assert_eq!(response.status(), StatusCode::CONFLICT);
+    }
+
+    #[test]
+    fn socket_modes_are_octal_permission_bits() {
+        assert_eq!(parse_socket_mode("600"), Ok(0o600));
+        assert_eq!(parse_socket_mode("0660"), Ok(0o660));
+        assert_eq!(parse_socket_mode("0o640"), Ok(0o640));
+        for bad in [
+            "",
+            "0o",
+            "+600",
+            "-600",
+            "888",
+            "1777",
+            "4755",
+            "rw-------",
+            "77777777777777777777777",
+        ] {
+            let error = parse_socket_mode(bad).unwrap_err().to_string();
+            assert!(error.contains(&format!("'{bad}'")), "{error}");
+        }
     }
 
     #[test]

@@ -633,6 +633,38 @@ fn handler_panic_is_a_500_and_the_server_survives() {
     running.client.vm_info().unwrap();
 }
 
+fn socket_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn the_socket_is_private_to_its_owner_whatever_the_umask() {
+    let dir = TempDir::new();
+    let path = dir.socket();
+    let server = ApiServer::bind(&path).unwrap();
+    assert_eq!(socket_mode(&path), 0o600);
+    drop(server);
+
+    let server = ApiServer::bind_with_mode(&path, 0o660).unwrap();
+    assert_eq!(socket_mode(&path), 0o660);
+    server.spawn(Arc::new(FakeVmm::default())).unwrap();
+    ApiClient::new(&path).vm_info().unwrap();
+    drop(server);
+
+    let error = ApiServer::bind_with_mode(&path, 0o4700).unwrap_err();
+    assert!(
+        matches!(error, ApiServerError::InvalidMode { mode: 0o4700, .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("4700"), "{error}");
+    assert!(!path.exists());
+}
+
 #[test]
 fn bind_fails_when_another_server_listens() {
     let dir = TempDir::new();

@@ -229,3 +229,24 @@ fn ctl_without_a_vm() {
         &["/nonexistent"],
     );
 }
+
+#[test]
+fn bad_api_socket_mode() {
+    let kernel = junk_kernel("bad-socket-mode");
+    for mode in ["rw", "4755", "888"] {
+        expect_error(
+            &[
+                "run",
+                "--kernel",
+                kernel.0.to_str().unwrap(),
+                "--serial",
+                "off",
+                "--api-socket",
+                "/nonexistent/tidevm-test/api.sock",
+                "--api-socket-mode",
+                mode,
+            ],
+            &["--api-socket-mode", mode],
+        );
+    }
+}
