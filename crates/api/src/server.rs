@@ -40,8 +40,10 @@ pub const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
 /// How long a client may take to send the request headers or the body.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections served at once; more are closed right away so that a misbehaving
-/// client cannot make the VMM's memory footprint grow.
+/// Connections served at once. At the limit a new connection evicts the oldest one
+/// whose request is not with the handler (see [`ConnectionTable::admit`]), or is closed
+/// right away if there is none, so that a misbehaving client can neither make the VMM's
+/// memory footprint grow nor lock other clients out.
 const MAX_CONNECTIONS: usize = 64;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the accept
@@ -384,13 +386,62 @@ fn remove_stale_socket(path: &Path) -> Result<(), ApiServerError> {
 /// How long a stopping server waits for connections in flight.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// One connection being served, as the accept loop sees it.
+struct ConnectionEntry {
+    id: u64,
+    /// Requests of this connection the handler is carrying out now (0 or 1).
+    handling: Arc<AtomicUsize>,
+    /// Tells the connection to close so that a new client can be served.
+    evict: Arc<Notify>,
+}
+
+/// The connections that count against [`MAX_CONNECTIONS`], oldest first.
+#[derive(Default)]
+struct ConnectionTable {
+    entries: Mutex<Vec<ConnectionEntry>>,
+    next_id: AtomicUsize,
+}
+
+impl ConnectionTable {
+    /// Makes room for a new connection and registers it; `None` when every connection is
+    /// waiting for the handler (then the new one must be refused).
+    ///
+    /// At the limit, the oldest connection whose request is not with the handler is evicted:
+    /// it is idle, or still sending its request (which has not changed anything yet). So
+    /// clients that connect and sit there cannot lock the others out.
+    fn admit(&self) -> Option<(u64, Arc<AtomicUsize>, Arc<Notify>)> {
+        let mut entries = lock_ignoring_poison(&self.entries);
+        if entries.len() >= MAX_CONNECTIONS {
+            let idle = entries
+                .iter()
+                .position(|entry| entry.handling.load(Ordering::Acquire) == 0)?;
+            entries.remove(idle).evict.notify_one();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let handling = Arc::new(AtomicUsize::new(0));
+        let evict = Arc::new(Notify::new());
+        entries.push(ConnectionEntry {
+            id,
+            handling: Arc::clone(&handling),
+            evict: Arc::clone(&evict),
+        });
+        Some((id, handling, evict))
+    }
+
+    fn remove(&self, id: u64) {
+        lock_ignoring_poison(&self.entries).retain(|entry| entry.id != id);
+    }
+}
+
 async fn accept_connections(
     listener: tokio::net::UnixListener,
     handler: Arc<dyn RequestHandler>,
     stop: Arc<Notify>,
 ) {
     let mut stopped = pin!(stop.notified());
+    // Every connection task, evicted ones included, until it ends.
     let live_connections = Arc::new(AtomicUsize::new(0));
+    let table = Arc::new(ConnectionTable::default());
     loop {
         let accepted = poll_fn(|cx| {
             if stopped.as_mut().poll(cx).is_ready() {
@@ -417,37 +468,89 @@ async fn accept_connections(
                 continue;
             }
         };
-        if live_connections.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+        let Some((id, handling, evict)) = table.admit() else {
             drop(stream);
             continue;
-        }
+        };
         live_connections.fetch_add(1, Ordering::AcqRel);
         let live_connections = Arc::clone(&live_connections);
         let handler = Arc::clone(&handler);
+        let table = Arc::clone(&table);
         tokio::spawn(async move {
-            serve_connection(stream, handler).await;
+            serve_connection(stream, handler, handling, evict).await;
+            table.remove(id);
             live_connections.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
 
-async fn serve_connection(stream: tokio::net::UnixStream, handler: Arc<dyn RequestHandler>) {
+/// How long an evicted connection may take to close by itself (an idle one closes at
+/// once) before it is dropped, unless the handler is working on its request.
+const EVICTION_GRACE: Duration = Duration::from_millis(100);
+
+async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    handler: Arc<dyn RequestHandler>,
+    handling: Arc<AtomicUsize>,
+    evict: Arc<Notify>,
+) {
+    let service_handling = Arc::clone(&handling);
     let service = hyper::service::service_fn(move |request| {
         let handler = Arc::clone(&handler);
-        async move { Ok::<_, Infallible>(serve_request(request, handler).await) }
+        let handling = Arc::clone(&service_handling);
+        async move { Ok::<_, Infallible>(serve_request(request, handler, handling).await) }
     });
-    // A broken connection concerns only its client; nothing to report.
-    let _ = hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_READ_TIMEOUT)
         .max_buf_size(16 * 1024)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = pin!(connection);
+    // A broken connection concerns only its client; nothing to report.
+    let mut evicted = pin!(evict.notified());
+    let finished = poll_fn(|cx| {
+        if connection.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        evicted.as_mut().poll(cx).map(|()| false)
+    })
+    .await;
+    if finished {
+        return;
+    }
+    // Evicted: finish a request in progress, then close.
+    connection.as_mut().graceful_shutdown();
+    loop {
+        match tokio::time::timeout(EVICTION_GRACE, connection.as_mut()).await {
+            Ok(_) => return,
+            // Still reading a request head or body, or the client does not read its
+            // answer: nothing it sent has reached the handler, so nothing is lost.
+            Err(_elapsed) if handling.load(Ordering::Acquire) == 0 => return,
+            Err(_elapsed) => {}
+        }
+    }
+}
+
+/// Counts a request as being with the handler while it lives.
+struct Handling(Arc<AtomicUsize>);
+
+impl Handling {
+    fn start(counter: Arc<AtomicUsize>) -> Handling {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Handling(counter)
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn serve_request(
     request: Request<Incoming>,
     handler: Arc<dyn RequestHandler>,
+    handling: Arc<AtomicUsize>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_owned();
     let Some(endpoint) = Endpoint::from_path(&path, request.method().as_str()) else {
@@ -478,6 +581,9 @@ async fn serve_request(
         Ok(api_request) => api_request,
         Err(error) => return error_response(&error),
     };
+    // From here on the request may change the VM: the connection is not evicted until
+    // its answer is out.
+    let _handling = Handling::start(handling);
     let outcome = tokio::task::spawn_blocking(move || handler.handle(api_request)).await;
     match outcome {
         Ok(Ok(response)) => success_response(response, json_status),

@@ -133,6 +133,10 @@ impl RequestHandler for FakeVmm {
             ApiRequest::ResizeVirtioMem { id, .. } if id == "panic" => {
                 panic!("the fake VMM panics on purpose")
             }
+            ApiRequest::ResizeVirtioMem { id, .. } if id == "slow" => {
+                std::thread::sleep(Duration::from_millis(800));
+                Ok(ApiResponse::Empty)
+            }
             ApiRequest::ResizeVirtioMem { id, .. } if id != "vmem0" => Err(ApiError::not_found(
                 format!("no virtio-mem device with id {id}"),
             )),
@@ -616,6 +620,53 @@ fn garbage_does_not_break_the_server() {
         .write_all(b"GET /vm/info HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
     assert!(read_head(&mut stream).starts_with("HTTP/1.1 200"));
+    running.client.vm_info().unwrap();
+}
+
+/// Clients that connect and send nothing, or half a request head, and then sit there.
+fn idle_clients(path: &Path, count: usize, send: &[u8]) -> Vec<UnixStream> {
+    (0..count)
+        .map(|_| {
+            let mut stream = UnixStream::connect(path).unwrap();
+            stream.write_all(send).unwrap();
+            stream
+        })
+        .collect()
+}
+
+#[test]
+fn idle_connections_cannot_lock_clients_out() {
+    for send in [&b""[..], b"GET /vm/info HTTP/1.1\r\nHost: x\r\n"] {
+        let running = start();
+        let path = running.server.socket_path();
+        let _idle = idle_clients(path, 100, send);
+        // Let the server accept them all before the real client comes.
+        std::thread::sleep(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let client = ApiClient::new(path).with_timeout(Duration::from_secs(3));
+        for _ in 0..3 {
+            client.vm_info().unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_request_with_the_handler_is_not_evicted() {
+    let running = start();
+    let path = running.server.socket_path().to_owned();
+    let slow = std::thread::spawn({
+        let path = path.clone();
+        move || ApiClient::new(path).resize_virtio_mem("slow", 1 << 30)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // Enough newcomers to evict every other connection more than once.
+    let _idle = idle_clients(&path, 2 * 64, b"");
+    slow.join().unwrap().unwrap();
     running.client.vm_info().unwrap();
 }
 
