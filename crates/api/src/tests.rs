@@ -716,6 +716,27 @@ fn the_socket_is_private_to_its_owner_whatever_the_umask() {
     assert!(!path.exists());
 }
 
+/// The server turns a handler panic into a 500 with `catch_unwind` (through tokio's
+/// `spawn_blocking`); a build with `panic = "abort"` would kill the VM instead. The test
+/// above runs with the test profile, so check what the release profile says.
+#[test]
+fn release_builds_unwind_so_a_handler_panic_stays_a_500() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
+    let manifest = std::fs::read_to_string(manifest).unwrap();
+    let mut section = "";
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            section = line;
+        } else if section.starts_with("[profile.") {
+            let setting: String = line.chars().filter(|c| !c.is_whitespace()).collect();
+            assert_ne!(
+                setting, r#"panic="abort""#,
+                "{section} aborts on panic: a handler panic would kill the VM"
+            );
+        }
+    }
+}
+
 #[test]
 fn bind_fails_when_another_server_listens() {
     let dir = TempDir::new();
