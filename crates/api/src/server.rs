@@ -66,6 +66,12 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/vm/dimms/{id}"),
 ];
 
+/// What `PUT /vm/balloon` takes, for error messages.
+const BALLOON_BODY: &str = r#"{"target_size": <bytes>}"#;
+
+/// What `PUT /vm/virtio-mem/{id}` takes, for error messages.
+const RESIZE_VIRTIO_MEM_BODY: &str = r#"{"requested_size": <bytes>}"#;
+
 /// What `PUT /vm/dimms` takes, for error messages.
 const ADD_DIMM_BODY: &str = r#"{"size": <bytes>, "node": N, "backing": "anon|memfd|hugetlbfs", "prealloc": bool, "id": "name"}"#;
 
@@ -712,34 +718,13 @@ impl Endpoint {
                 expect_no_parameters(body).map(|()| ApiRequest::BalloonStatus)
             }
             Endpoint::BalloonTarget => {
-                let json: serde_json::Value = parse_json(body)?;
-                if !json.is_object() {
-                    return Err(ApiError::bad_request(
-                        r#"invalid request body: expected {"target_size": <bytes>}"#,
-                    ));
-                }
-                let parsed: SetBalloonBody = serde_json::from_value(json).map_err(|error| {
-                    ApiError::bad_request(format!("invalid request body: {error}"))
-                })?;
+                let parsed: SetBalloonBody = parse_object(body, BALLOON_BODY)?;
                 Ok(ApiRequest::SetBalloon {
                     target_size: parsed.target_size,
                 })
             }
             Endpoint::AddDimm => {
-                if is_blank(body) {
-                    return Err(ApiError::bad_request(format!(
-                        "missing request body: expected {ADD_DIMM_BODY}"
-                    )));
-                }
-                let json: serde_json::Value = parse_json(body)?;
-                if !json.is_object() {
-                    return Err(ApiError::bad_request(format!(
-                        "invalid request body: expected {ADD_DIMM_BODY}"
-                    )));
-                }
-                let parsed: AddDimmBody = serde_json::from_value(json).map_err(|error| {
-                    ApiError::bad_request(format!("invalid request body: {error}"))
-                })?;
+                let parsed: AddDimmBody = parse_object(body, ADD_DIMM_BODY)?;
                 if let Some(id) = &parsed.id {
                     validate_id(id, "DIMM id")?;
                 }
@@ -752,23 +737,7 @@ impl Endpoint {
             }
             Endpoint::VirtioMem { id } => {
                 validate_id(&id, "virtio-mem device id")?;
-                if is_blank(body) {
-                    return Err(ApiError::bad_request(
-                        r#"missing request body: expected {"requested_size": <bytes>}"#,
-                    ));
-                }
-                // serde would also take a struct from a JSON array; only
-                // objects are documented.
-                let json: serde_json::Value = parse_json(body)?;
-                if !json.is_object() {
-                    return Err(ApiError::bad_request(
-                        r#"invalid request body: expected {"requested_size": <bytes>}"#,
-                    ));
-                }
-                let parsed: ResizeVirtioMemBody =
-                    serde_json::from_value(json).map_err(|error| {
-                        ApiError::bad_request(format!("invalid request body: {error}"))
-                    })?;
+                let parsed: ResizeVirtioMemBody = parse_object(body, RESIZE_VIRTIO_MEM_BODY)?;
                 Ok(ApiRequest::ResizeVirtioMem {
                     id,
                     requested_size: parsed.requested_size,
@@ -776,6 +745,31 @@ impl Endpoint {
             }
         }
     }
+}
+
+/// A request body that must be one JSON object of type `T`; `expected` shows what to send.
+///
+/// serde would also take a struct from a JSON array, and a detour through
+/// `serde_json::Value` would quietly keep the last of two fields with the same name: the
+/// body is checked to be an object, then deserialized straight into `T`, which refuses
+/// unknown and duplicate fields.
+fn parse_object<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    expected: &str,
+) -> Result<T, ApiError> {
+    if is_blank(body) {
+        return Err(ApiError::bad_request(format!(
+            "missing request body: expected {expected}"
+        )));
+    }
+    let json: serde_json::Value = parse_json(body)?;
+    if !json.is_object() {
+        return Err(ApiError::bad_request(format!(
+            "invalid request body: expected {expected}"
+        )));
+    }
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::bad_request(format!("invalid request body: {error}")))
 }
 
 fn is_blank(body: &[u8]) -> bool {

@@ -556,6 +556,131 @@ fn malformed_requests_never_reach_the_handler() {
     client.vm_info().unwrap();
 }
 
+/// Bodies every route that takes no parameters must refuse.
+const NOT_NOTHING: &[&str] = &[
+    "{",
+    "nonsense",
+    "[]",
+    "5",
+    "null",
+    "\"\"",
+    r#"{"force": true}"#,
+    r#"{"": 1}"#,
+    "{}{}",
+    "\u{feff}{}",
+];
+
+/// Values a byte size must refuse: wrong types, negative, fractional, beyond 2^64.
+const NOT_A_SIZE: &[&str] = &[
+    "null",
+    "true",
+    "-1",
+    "-9223372036854775808",
+    "1.5",
+    "1e3",
+    "18446744073709551616",
+    "99999999999999999999999",
+    "1e30",
+    r#""""#,
+    r#""lots""#,
+    r#""-1G""#,
+    r#""1.5G""#,
+    r#""16777216T""#,
+    r#""18446744073709551616""#,
+    "[1]",
+    r#"{"bytes": 1}"#,
+];
+
+/// Every route with malformed JSON, wrong types, sizes that do not fit in 64 bits, negative
+/// numbers, unknown or duplicated fields and missing bodies: each gets a 4xx with a message
+/// in the JSON error body, and the handler (the VM) never sees any of it.
+#[test]
+fn bad_input_matrix_never_reaches_the_handler() {
+    let mut cases: Vec<(&str, &str, String)> = Vec::new();
+    for (method, path) in [
+        ("GET", "/vm/info"),
+        ("PUT", "/vm/shutdown"),
+        ("PUT", "/vm/reboot"),
+        ("GET", "/vm/balloon"),
+        ("DELETE", "/vm/dimms/dimm0"),
+    ] {
+        for body in NOT_NOTHING {
+            cases.push((method, path, (*body).to_owned()));
+        }
+    }
+    for (path, field, other) in [
+        ("/vm/balloon", "target_size", ""),
+        ("/vm/virtio-mem/vmem0", "requested_size", ""),
+        ("/vm/dimms", "size", r#", "id": "d1""#),
+    ] {
+        for body in [
+            String::new(),
+            " \n".to_owned(),
+            "{".to_owned(),
+            "{}".to_owned(),
+            "[]".to_owned(),
+            "null".to_owned(),
+            "4294967296".to_owned(),
+            format!(r#"["{field}", 1]"#),
+            format!(r#"{{"{field}": 1}}x"#),
+            format!(r#"{{"{field}": 134217728, "extra": 1}}"#),
+            format!(r#"{{"{field}": 134217728, "{}": 1}}"#, field.to_uppercase()),
+            format!(r#"{{"{field}": "1G", "{field}": 134217728}}"#),
+            format!(r#"{{"{field}": 134217728{other}, "{field}": "1G"}}"#),
+        ] {
+            cases.push(("PUT", path, body));
+        }
+        for value in NOT_A_SIZE {
+            cases.push(("PUT", path, format!(r#"{{"{field}": {value}{other}}}"#)));
+        }
+    }
+    for extra in [
+        r#""node": -1"#,
+        r#""node": 4294967296"#,
+        r#""node": 1.5"#,
+        r#""node": "0""#,
+        r#""backing": "file""#,
+        r#""backing": 1"#,
+        r#""backing": null"#,
+        r#""prealloc": "yes""#,
+        r#""prealloc": 1"#,
+        r#""prealloc": null"#,
+        r#""id": 5"#,
+        r#""id": """#,
+        r#""id": "a/b""#,
+        r#""id": "../x""#,
+        r#""id": ["d"]"#,
+        r#""slot": 3"#,
+    ] {
+        cases.push(("PUT", "/vm/dimms", format!(r#"{{"size": "1G", {extra}}}"#)));
+    }
+
+    let running = start();
+    let mut wrong = Vec::new();
+    for (method, path, body) in &cases {
+        let (status, response) = running
+            .client
+            .call_raw(method, path, Some(body.as_bytes()))
+            .unwrap();
+        let context = format!("{method} {path} {body:?}: {status} {response}");
+        let message = response["error"].as_str().unwrap_or_default();
+        // A missing body is named as such, with what to send.
+        let missing_named = !(body.trim().is_empty() && method == &"PUT")
+            || message.contains("missing request body");
+        if !(400..500).contains(&status) || message.is_empty() || !missing_named {
+            wrong.push(context);
+        }
+    }
+    assert!(wrong.is_empty(), "wrong answers:\n{}", wrong.join("\n"));
+    assert!(
+        running.vmm.requests().is_empty(),
+        "the handler saw {:?}",
+        running.vmm.requests()
+    );
+    // The server still answers well-formed requests.
+    running.client.vm_info().unwrap();
+}
+
 #[test]
 fn oversized_chunked_body_is_rejected() {
     let running = start();
