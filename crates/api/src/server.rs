@@ -529,8 +529,8 @@ async fn serve_connection(
     loop {
         match tokio::time::timeout(EVICTION_GRACE, connection.as_mut()).await {
             Ok(_) => return,
-            // Still reading a request head or body, or the client does not read its
-            // answer: nothing it sent has reached the handler, so nothing is lost.
+            // Still sending a request (none of which has reached the handler, so the VM
+            // is unchanged), or not reading the answer to one that has been carried out.
             Err(_elapsed) if handling.load(Ordering::Acquire) == 0 => return,
             Err(_elapsed) => {}
         }
