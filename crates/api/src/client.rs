@@ -45,8 +45,12 @@ pub enum ClientError {
         /// What hyper reported.
         reason: hyper::Error,
     },
-    /// The server did not answer in time.
-    #[error("no answer from API socket {path} within {timeout:?}")]
+    /// The server did not answer in time. The request may still be carried out: giving up
+    /// does not take it back.
+    #[error(
+        "no answer from API socket {path} within {timeout:?}; the request may have reached \
+         the VMM and may still be carried out (check GET /vm/info before retrying)"
+    )]
     Timeout {
         /// Socket path.
         path: PathBuf,

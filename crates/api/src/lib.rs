@@ -29,7 +29,10 @@ mod types;
 mod tests;
 
 pub use client::{ApiClient, ClientError, DEFAULT_TIMEOUT};
-pub use server::{ApiServer, ApiServerError, MAX_REQUEST_BODY_BYTES};
+pub use server::{
+    parse_socket_mode, ApiServer, ApiServerError, InvalidSocketMode, DEFAULT_SOCKET_MODE,
+    MAX_REQUEST_BODY_BYTES,
+};
 pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
     DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, GuestRange, HostRss, MemoryInfo,

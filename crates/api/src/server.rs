@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::future::{poll_fn, Future};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
@@ -31,14 +31,19 @@ use crate::types::{
     SetBalloonBody,
 };
 
+/// Permissions of the API socket unless told otherwise: its owner only.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
+
 /// Largest request body the server reads; larger ones get HTTP 413.
 pub const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
 
 /// How long a client may take to send the request headers or the body.
 const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connections served at once; more are closed right away so that a misbehaving
-/// client cannot make the VMM's memory footprint grow.
+/// Connections served at once. At the limit a new connection evicts the oldest one
+/// whose request is not with the handler (see [`ConnectionTable::admit`]), or is closed
+/// right away if there is none, so that a misbehaving client can neither make the VMM's
+/// memory footprint grow nor lock other clients out.
 const MAX_CONNECTIONS: usize = 64;
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) so the accept
@@ -60,6 +65,12 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/dimms"),
     ("DELETE", "/vm/dimms/{id}"),
 ];
+
+/// What `PUT /vm/balloon` takes, for error messages.
+const BALLOON_BODY: &str = r#"{"target_size": <bytes>}"#;
+
+/// What `PUT /vm/virtio-mem/{id}` takes, for error messages.
+const RESIZE_VIRTIO_MEM_BODY: &str = r#"{"requested_size": <bytes>}"#;
 
 /// What `PUT /vm/dimms` takes, for error messages.
 const ADD_DIMM_BODY: &str = r#"{"size": <bytes>, "node": N, "backing": "anon|memfd|hugetlbfs", "prealloc": bool, "id": "name"}"#;
@@ -111,6 +122,24 @@ pub enum ApiServerError {
         /// OS error.
         reason: io::Error,
     },
+    /// The requested socket mode is not plain permission bits.
+    #[error("invalid API socket mode {mode:o} for {path}: give permission bits only, at most 777 (octal)")]
+    InvalidMode {
+        /// Socket path.
+        path: PathBuf,
+        /// The mode asked for.
+        mode: u32,
+    },
+    /// The socket's permissions could not be set; the socket is removed again.
+    #[error("cannot set the permissions of API socket {path} to {mode:o}: {reason}")]
+    Permissions {
+        /// Socket path.
+        path: PathBuf,
+        /// The mode asked for.
+        mode: u32,
+        /// OS error.
+        reason: io::Error,
+    },
     /// `spawn` was called twice, or after `shutdown`.
     #[error("API server on {path} is already serving or was shut down")]
     NotListening {
@@ -125,6 +154,24 @@ pub enum ApiServerError {
         /// OS error.
         reason: io::Error,
     },
+}
+
+/// A socket mode that is not octal permission bits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid socket mode '{0}': expected octal permission bits such as 600 or 660 (at most 777)"
+)]
+pub struct InvalidSocketMode(pub String);
+
+/// Parses a socket mode written in octal: `600`, `0660`, `0o660`.
+pub fn parse_socket_mode(text: &str) -> Result<u32, InvalidSocketMode> {
+    let digits = text.strip_prefix("0o").unwrap_or(text);
+    let valid = !digits.is_empty() && digits.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    valid
+        .then(|| u32::from_str_radix(digits, 8).ok())
+        .flatten()
+        .filter(|mode| *mode <= 0o777)
+        .ok_or_else(|| InvalidSocketMode(text.to_owned()))
 }
 
 /// A bound API socket. Serve it with [`ApiServer::spawn`].
@@ -146,12 +193,25 @@ pub struct ApiServer {
 }
 
 impl ApiServer {
-    /// Bind the API socket at `path`.
+    /// Bind the API socket at `path`, readable and writable by its owner only
+    /// ([`DEFAULT_SOCKET_MODE`], whatever the umask).
     ///
     /// A stale socket file (nobody listening) is replaced; a socket that
     /// another process still serves is an error, as is anything at `path`
     /// that is not a socket.
     pub fn bind(path: &Path) -> Result<ApiServer, ApiServerError> {
+        Self::bind_with_mode(path, DEFAULT_SOCKET_MODE)
+    }
+
+    /// [`ApiServer::bind`] with the socket's permission bits set to `mode` (e.g. `0o660` to
+    /// let a group control the VM). Whoever may write the socket controls the VM.
+    pub fn bind_with_mode(path: &Path, mode: u32) -> Result<ApiServer, ApiServerError> {
+        if mode & !0o777 != 0 {
+            return Err(ApiServerError::InvalidMode {
+                path: path.to_owned(),
+                mode,
+            });
+        }
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() && !dir.is_dir() {
                 return Err(ApiServerError::ParentDirMissing {
@@ -178,19 +238,33 @@ impl ApiServer {
             path: path.to_owned(),
             reason,
         })?;
+        // From here on, dropping the server removes the socket file again.
+        let server = ApiServer {
+            socket_path: path.to_owned(),
+            socket_identity: (metadata.dev(), metadata.ino()),
+            listener: Mutex::new(None),
+            stop: Arc::new(Notify::new()),
+            socket_removed: AtomicBool::new(false),
+        };
+        // bind() created the file with the umask's permissions; narrow them before serving.
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
+            |reason| ApiServerError::Permissions {
+                path: path.to_owned(),
+                mode,
+                reason,
+            },
+        )?;
         listener
             .set_nonblocking(true)
             .map_err(|reason| ApiServerError::Bind {
                 path: path.to_owned(),
                 reason,
             })?;
-        Ok(ApiServer {
-            socket_path: path.to_owned(),
-            socket_identity: (metadata.dev(), metadata.ino()),
-            listener: Mutex::new(Some(listener)),
-            stop: Arc::new(Notify::new()),
-            socket_removed: AtomicBool::new(false),
-        })
+        // A client that connected while the umask's permissions still applied is refused:
+        // nobody may have a connection the final permissions would not allow.
+        while listener.accept().is_ok() {}
+        *lock_ignoring_poison(&server.listener) = Some(listener);
+        Ok(server)
     }
 
     /// Path of the socket.
@@ -318,13 +392,62 @@ fn remove_stale_socket(path: &Path) -> Result<(), ApiServerError> {
 /// How long a stopping server waits for connections in flight.
 const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// One connection being served, as the accept loop sees it.
+struct ConnectionEntry {
+    id: u64,
+    /// Requests of this connection the handler is carrying out now (0 or 1).
+    handling: Arc<AtomicUsize>,
+    /// Tells the connection to close so that a new client can be served.
+    evict: Arc<Notify>,
+}
+
+/// The connections that count against [`MAX_CONNECTIONS`], oldest first.
+#[derive(Default)]
+struct ConnectionTable {
+    entries: Mutex<Vec<ConnectionEntry>>,
+    next_id: AtomicUsize,
+}
+
+impl ConnectionTable {
+    /// Makes room for a new connection and registers it; `None` when every connection is
+    /// waiting for the handler (then the new one must be refused).
+    ///
+    /// At the limit, the oldest connection whose request is not with the handler is evicted:
+    /// it is idle, or still sending its request (which has not changed anything yet). So
+    /// clients that connect and sit there cannot lock the others out.
+    fn admit(&self) -> Option<(u64, Arc<AtomicUsize>, Arc<Notify>)> {
+        let mut entries = lock_ignoring_poison(&self.entries);
+        if entries.len() >= MAX_CONNECTIONS {
+            let idle = entries
+                .iter()
+                .position(|entry| entry.handling.load(Ordering::Acquire) == 0)?;
+            entries.remove(idle).evict.notify_one();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) as u64;
+        let handling = Arc::new(AtomicUsize::new(0));
+        let evict = Arc::new(Notify::new());
+        entries.push(ConnectionEntry {
+            id,
+            handling: Arc::clone(&handling),
+            evict: Arc::clone(&evict),
+        });
+        Some((id, handling, evict))
+    }
+
+    fn remove(&self, id: u64) {
+        lock_ignoring_poison(&self.entries).retain(|entry| entry.id != id);
+    }
+}
+
 async fn accept_connections(
     listener: tokio::net::UnixListener,
     handler: Arc<dyn RequestHandler>,
     stop: Arc<Notify>,
 ) {
     let mut stopped = pin!(stop.notified());
+    // Every connection task, evicted ones included, until it ends.
     let live_connections = Arc::new(AtomicUsize::new(0));
+    let table = Arc::new(ConnectionTable::default());
     loop {
         let accepted = poll_fn(|cx| {
             if stopped.as_mut().poll(cx).is_ready() {
@@ -351,37 +474,89 @@ async fn accept_connections(
                 continue;
             }
         };
-        if live_connections.load(Ordering::Acquire) >= MAX_CONNECTIONS {
+        let Some((id, handling, evict)) = table.admit() else {
             drop(stream);
             continue;
-        }
+        };
         live_connections.fetch_add(1, Ordering::AcqRel);
         let live_connections = Arc::clone(&live_connections);
         let handler = Arc::clone(&handler);
+        let table = Arc::clone(&table);
         tokio::spawn(async move {
-            serve_connection(stream, handler).await;
+            serve_connection(stream, handler, handling, evict).await;
+            table.remove(id);
             live_connections.fetch_sub(1, Ordering::AcqRel);
         });
     }
 }
 
-async fn serve_connection(stream: tokio::net::UnixStream, handler: Arc<dyn RequestHandler>) {
+/// How long an evicted connection may take to close by itself (an idle one closes at
+/// once) before it is dropped, unless the handler is working on its request.
+const EVICTION_GRACE: Duration = Duration::from_millis(100);
+
+async fn serve_connection(
+    stream: tokio::net::UnixStream,
+    handler: Arc<dyn RequestHandler>,
+    handling: Arc<AtomicUsize>,
+    evict: Arc<Notify>,
+) {
+    let service_handling = Arc::clone(&handling);
     let service = hyper::service::service_fn(move |request| {
         let handler = Arc::clone(&handler);
-        async move { Ok::<_, Infallible>(serve_request(request, handler).await) }
+        let handling = Arc::clone(&service_handling);
+        async move { Ok::<_, Infallible>(serve_request(request, handler, handling).await) }
     });
-    // A broken connection concerns only its client; nothing to report.
-    let _ = hyper::server::conn::http1::Builder::new()
+    let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_READ_TIMEOUT)
         .max_buf_size(16 * 1024)
-        .serve_connection(TokioIo::new(stream), service)
-        .await;
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = pin!(connection);
+    // A broken connection concerns only its client; nothing to report.
+    let mut evicted = pin!(evict.notified());
+    let finished = poll_fn(|cx| {
+        if connection.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(true);
+        }
+        evicted.as_mut().poll(cx).map(|()| false)
+    })
+    .await;
+    if finished {
+        return;
+    }
+    // Evicted: finish a request in progress, then close.
+    connection.as_mut().graceful_shutdown();
+    loop {
+        match tokio::time::timeout(EVICTION_GRACE, connection.as_mut()).await {
+            Ok(_) => return,
+            // Still sending a request (none of which has reached the handler, so the VM
+            // is unchanged), or not reading the answer to one that has been carried out.
+            Err(_elapsed) if handling.load(Ordering::Acquire) == 0 => return,
+            Err(_elapsed) => {}
+        }
+    }
+}
+
+/// Counts a request as being with the handler while it lives.
+struct Handling(Arc<AtomicUsize>);
+
+impl Handling {
+    fn start(counter: Arc<AtomicUsize>) -> Handling {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Handling(counter)
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 async fn serve_request(
     request: Request<Incoming>,
     handler: Arc<dyn RequestHandler>,
+    handling: Arc<AtomicUsize>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_owned();
     let Some(endpoint) = Endpoint::from_path(&path, request.method().as_str()) else {
@@ -412,6 +587,9 @@ async fn serve_request(
         Ok(api_request) => api_request,
         Err(error) => return error_response(&error),
     };
+    // From here on the request may change the VM: the connection is not evicted until
+    // its answer is out.
+    let _handling = Handling::start(handling);
     let outcome = tokio::task::spawn_blocking(move || handler.handle(api_request)).await;
     match outcome {
         Ok(Ok(response)) => success_response(response, json_status),
@@ -540,34 +718,13 @@ impl Endpoint {
                 expect_no_parameters(body).map(|()| ApiRequest::BalloonStatus)
             }
             Endpoint::BalloonTarget => {
-                let json: serde_json::Value = parse_json(body)?;
-                if !json.is_object() {
-                    return Err(ApiError::bad_request(
-                        r#"invalid request body: expected {"target_size": <bytes>}"#,
-                    ));
-                }
-                let parsed: SetBalloonBody = serde_json::from_value(json).map_err(|error| {
-                    ApiError::bad_request(format!("invalid request body: {error}"))
-                })?;
+                let parsed: SetBalloonBody = parse_object(body, BALLOON_BODY)?;
                 Ok(ApiRequest::SetBalloon {
                     target_size: parsed.target_size,
                 })
             }
             Endpoint::AddDimm => {
-                if is_blank(body) {
-                    return Err(ApiError::bad_request(format!(
-                        "missing request body: expected {ADD_DIMM_BODY}"
-                    )));
-                }
-                let json: serde_json::Value = parse_json(body)?;
-                if !json.is_object() {
-                    return Err(ApiError::bad_request(format!(
-                        "invalid request body: expected {ADD_DIMM_BODY}"
-                    )));
-                }
-                let parsed: AddDimmBody = serde_json::from_value(json).map_err(|error| {
-                    ApiError::bad_request(format!("invalid request body: {error}"))
-                })?;
+                let parsed: AddDimmBody = parse_object(body, ADD_DIMM_BODY)?;
                 if let Some(id) = &parsed.id {
                     validate_id(id, "DIMM id")?;
                 }
@@ -580,23 +737,7 @@ impl Endpoint {
             }
             Endpoint::VirtioMem { id } => {
                 validate_id(&id, "virtio-mem device id")?;
-                if is_blank(body) {
-                    return Err(ApiError::bad_request(
-                        r#"missing request body: expected {"requested_size": <bytes>}"#,
-                    ));
-                }
-                // serde would also take a struct from a JSON array; only
-                // objects are documented.
-                let json: serde_json::Value = parse_json(body)?;
-                if !json.is_object() {
-                    return Err(ApiError::bad_request(
-                        r#"invalid request body: expected {"requested_size": <bytes>}"#,
-                    ));
-                }
-                let parsed: ResizeVirtioMemBody =
-                    serde_json::from_value(json).map_err(|error| {
-                        ApiError::bad_request(format!("invalid request body: {error}"))
-                    })?;
+                let parsed: ResizeVirtioMemBody = parse_object(body, RESIZE_VIRTIO_MEM_BODY)?;
                 Ok(ApiRequest::ResizeVirtioMem {
                     id,
                     requested_size: parsed.requested_size,
@@ -604,6 +745,31 @@ impl Endpoint {
             }
         }
     }
+}
+
+/// A request body that must be one JSON object of type `T`; `expected` shows what to send.
+///
+/// serde would also take a struct from a JSON array, and a detour through
+/// `serde_json::Value` would quietly keep the last of two fields with the same name: the
+/// body is checked to be an object, then deserialized straight into `T`, which refuses
+/// unknown and duplicate fields.
+fn parse_object<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    expected: &str,
+) -> Result<T, ApiError> {
+    if is_blank(body) {
+        return Err(ApiError::bad_request(format!(
+            "missing request body: expected {expected}"
+        )));
+    }
+    let json: serde_json::Value = parse_json(body)?;
+    if !json.is_object() {
+        return Err(ApiError::bad_request(format!(
+            "invalid request body: expected {expected}"
+        )));
+    }
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::bad_request(format!("invalid request body: {error}")))
 }
 
 fn is_blank(body: &[u8]) -> bool {
@@ -931,6 +1097,27 @@ mod tests {
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let response = error_response(&ApiError::conflict("busy"));
         assert_eq!(response.status(), StatusCode::CONFLICT);
+    }
+
+    #[test]
+    fn socket_modes_are_octal_permission_bits() {
+        assert_eq!(parse_socket_mode("600"), Ok(0o600));
+        assert_eq!(parse_socket_mode("0660"), Ok(0o660));
+        assert_eq!(parse_socket_mode("0o640"), Ok(0o640));
+        for bad in [
+            "",
+            "0o",
+            "+600",
+            "-600",
+            "888",
+            "1777",
+            "4755",
+            "rw-------",
+            "77777777777777777777777",
+        ] {
+            let error = parse_socket_mode(bad).unwrap_err().to_string();
+            assert!(error.contains(&format!("'{bad}'")), "{error}");
+        }
     }
 
     #[test]

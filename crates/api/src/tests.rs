@@ -133,6 +133,10 @@ impl RequestHandler for FakeVmm {
             ApiRequest::ResizeVirtioMem { id, .. } if id == "panic" => {
                 panic!("the fake VMM panics on purpose")
             }
+            ApiRequest::ResizeVirtioMem { id, .. } if id == "slow" => {
+                std::thread::sleep(Duration::from_millis(800));
+                Ok(ApiResponse::Empty)
+            }
             ApiRequest::ResizeVirtioMem { id, .. } if id != "vmem0" => Err(ApiError::not_found(
                 format!("no virtio-mem device with id {id}"),
             )),
@@ -552,6 +556,131 @@ fn malformed_requests_never_reach_the_handler() {
     client.vm_info().unwrap();
 }
 
+/// Bodies every route that takes no parameters must refuse.
+const NOT_NOTHING: &[&str] = &[
+    "{",
+    "nonsense",
+    "[]",
+    "5",
+    "null",
+    "\"\"",
+    r#"{"force": true}"#,
+    r#"{"": 1}"#,
+    "{}{}",
+    "\u{feff}{}",
+];
+
+/// Values a byte size must refuse: wrong types, negative, fractional, beyond 2^64.
+const NOT_A_SIZE: &[&str] = &[
+    "null",
+    "true",
+    "-1",
+    "-9223372036854775808",
+    "1.5",
+    "1e3",
+    "18446744073709551616",
+    "99999999999999999999999",
+    "1e30",
+    r#""""#,
+    r#""lots""#,
+    r#""-1G""#,
+    r#""1.5G""#,
+    r#""16777216T""#,
+    r#""18446744073709551616""#,
+    "[1]",
+    r#"{"bytes": 1}"#,
+];
+
+/// Every route with malformed JSON, wrong types, sizes that do not fit in 64 bits, negative
+/// numbers, unknown or duplicated fields and missing bodies: each gets a 4xx with a message
+/// in the JSON error body, and the handler (the VM) never sees any of it.
+#[test]
+fn bad_input_matrix_never_reaches_the_handler() {
+    let mut cases: Vec<(&str, &str, String)> = Vec::new();
+    for (method, path) in [
+        ("GET", "/vm/info"),
+        ("PUT", "/vm/shutdown"),
+        ("PUT", "/vm/reboot"),
+        ("GET", "/vm/balloon"),
+        ("DELETE", "/vm/dimms/dimm0"),
+    ] {
+        for body in NOT_NOTHING {
+            cases.push((method, path, (*body).to_owned()));
+        }
+    }
+    for (path, field, other) in [
+        ("/vm/balloon", "target_size", ""),
+        ("/vm/virtio-mem/vmem0", "requested_size", ""),
+        ("/vm/dimms", "size", r#", "id": "d1""#),
+    ] {
+        for body in [
+            String::new(),
+            " \n".to_owned(),
+            "{".to_owned(),
+            "{}".to_owned(),
+            "[]".to_owned(),
+            "null".to_owned(),
+            "4294967296".to_owned(),
+            format!(r#"["{field}", 1]"#),
+            format!(r#"{{"{field}": 1}}x"#),
+            format!(r#"{{"{field}": 134217728, "extra": 1}}"#),
+            format!(r#"{{"{field}": 134217728, "{}": 1}}"#, field.to_uppercase()),
+            format!(r#"{{"{field}": "1G", "{field}": 134217728}}"#),
+            format!(r#"{{"{field}": 134217728{other}, "{field}": "1G"}}"#),
+        ] {
+            cases.push(("PUT", path, body));
+        }
+        for value in NOT_A_SIZE {
+            cases.push(("PUT", path, format!(r#"{{"{field}": {value}{other}}}"#)));
+        }
+    }
+    for extra in [
+        r#""node": -1"#,
+        r#""node": 4294967296"#,
+        r#""node": 1.5"#,
+        r#""node": "0""#,
+        r#""backing": "file""#,
+        r#""backing": 1"#,
+        r#""backing": null"#,
+        r#""prealloc": "yes""#,
+        r#""prealloc": 1"#,
+        r#""prealloc": null"#,
+        r#""id": 5"#,
+        r#""id": """#,
+        r#""id": "a/b""#,
+        r#""id": "../x""#,
+        r#""id": ["d"]"#,
+        r#""slot": 3"#,
+    ] {
+        cases.push(("PUT", "/vm/dimms", format!(r#"{{"size": "1G", {extra}}}"#)));
+    }
+
+    let running = start();
+    let mut wrong = Vec::new();
+    for (method, path, body) in &cases {
+        let (status, response) = running
+            .client
+            .call_raw(method, path, Some(body.as_bytes()))
+            .unwrap();
+        let context = format!("{method} {path} {body:?}: {status} {response}");
+        let message = response["error"].as_str().unwrap_or_default();
+        // A missing body is named as such, with what to send.
+        let missing_named = !(body.trim().is_empty() && method == &"PUT")
+            || message.contains("missing request body");
+        if !(400..500).contains(&status) || message.is_empty() || !missing_named {
+            wrong.push(context);
+        }
+    }
+    assert!(wrong.is_empty(), "wrong answers:\n{}", wrong.join("\n"));
+    assert!(
+        running.vmm.requests().is_empty(),
+        "the handler saw {:?}",
+        running.vmm.requests()
+    );
+    // The server still answers well-formed requests.
+    running.client.vm_info().unwrap();
+}
+
 #[test]
 fn oversized_chunked_body_is_rejected() {
     let running = start();
@@ -619,6 +748,53 @@ fn garbage_does_not_break_the_server() {
     running.client.vm_info().unwrap();
 }
 
+/// Clients that connect and send nothing, or half a request head, and then sit there.
+fn idle_clients(path: &Path, count: usize, send: &[u8]) -> Vec<UnixStream> {
+    (0..count)
+        .map(|_| {
+            let mut stream = UnixStream::connect(path).unwrap();
+            stream.write_all(send).unwrap();
+            stream
+        })
+        .collect()
+}
+
+#[test]
+fn idle_connections_cannot_lock_clients_out() {
+    for send in [&b""[..], b"GET /vm/info HTTP/1.1\r\nHost: x\r\n"] {
+        let running = start();
+        let path = running.server.socket_path();
+        let _idle = idle_clients(path, 100, send);
+        // Let the server accept them all before the real client comes.
+        std::thread::sleep(Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let client = ApiClient::new(path).with_timeout(Duration::from_secs(3));
+        for _ in 0..3 {
+            client.vm_info().unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+#[test]
+fn a_request_with_the_handler_is_not_evicted() {
+    let running = start();
+    let path = running.server.socket_path().to_owned();
+    let slow = std::thread::spawn({
+        let path = path.clone();
+        move || ApiClient::new(path).resize_virtio_mem("slow", 1 << 30)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    // Enough newcomers to evict every other connection more than once.
+    let _idle = idle_clients(&path, 2 * 64, b"");
+    slow.join().unwrap().unwrap();
+    running.client.vm_info().unwrap();
+}
+
 #[test]
 fn handler_panic_is_a_500_and_the_server_survives() {
     let running = start();
@@ -631,6 +807,59 @@ fn handler_panic_is_a_500_and_the_server_survives() {
         "{error:?}"
     );
     running.client.vm_info().unwrap();
+}
+
+fn socket_mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+#[test]
+fn the_socket_is_private_to_its_owner_whatever_the_umask() {
+    let dir = TempDir::new();
+    let path = dir.socket();
+    let server = ApiServer::bind(&path).unwrap();
+    assert_eq!(socket_mode(&path), 0o600);
+    drop(server);
+
+    let server = ApiServer::bind_with_mode(&path, 0o660).unwrap();
+    assert_eq!(socket_mode(&path), 0o660);
+    server.spawn(Arc::new(FakeVmm::default())).unwrap();
+    ApiClient::new(&path).vm_info().unwrap();
+    drop(server);
+
+    let error = ApiServer::bind_with_mode(&path, 0o4700).unwrap_err();
+    assert!(
+        matches!(error, ApiServerError::InvalidMode { mode: 0o4700, .. }),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("4700"), "{error}");
+    assert!(!path.exists());
+}
+
+/// The server turns a handler panic into a 500 with `catch_unwind` (through tokio's
+/// `spawn_blocking`); a build with `panic = "abort"` would kill the VM instead. The test
+/// above runs with the test profile, so check what the release profile says.
+#[test]
+fn release_builds_unwind_so_a_handler_panic_stays_a_500() {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
+    let manifest = std::fs::read_to_string(manifest).unwrap();
+    let mut section = "";
+    for line in manifest.lines().map(str::trim) {
+        if line.starts_with('[') {
+            section = line;
+        } else if section.starts_with("[profile.") {
+            let setting: String = line.chars().filter(|c| !c.is_whitespace()).collect();
+            assert_ne!(
+                setting, r#"panic="abort""#,
+                "{section} aborts on panic: a handler panic would kill the VM"
+            );
+        }
+    }
 }
 
 #[test]
@@ -760,6 +989,9 @@ fn client_times_out_on_a_silent_server() {
         .vm_info()
         .unwrap_err();
     assert!(matches!(error, ClientError::Timeout { .. }), "{error:?}");
+    // Giving up does not take the request back: the message must not suggest it failed.
+    let message = error.to_string();
+    assert!(message.contains("may still be carried out"), "{message}");
 }
 
 /// The (method, path) pairs listed under `paths:` in an OpenAPI YAML document

@@ -229,3 +229,82 @@ fn ctl_without_a_vm() {
         &["/nonexistent"],
     );
 }
+
+#[test]
+fn bad_api_socket_mode() {
+    let kernel = junk_kernel("bad-socket-mode");
+    for mode in ["rw", "4755", "888"] {
+        expect_error(
+            &[
+                "run",
+                "--kernel",
+                kernel.0.to_str().unwrap(),
+                "--serial",
+                "off",
+                "--api-socket",
+                "/nonexistent/tidevm-test/api.sock",
+                "--api-socket-mode",
+                mode,
+            ],
+            &["--api-socket-mode", mode],
+        );
+    }
+}
+
+/// Sizes and counts near 2^64 must be refused by name, not wrap around a check or panic.
+#[test]
+fn numbers_that_would_overflow() {
+    let kernel = junk_kernel("overflow");
+    let kernel = kernel.0.to_str().unwrap();
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &["--balloon", "stats-interval=18446744073709551615s"],
+            &["--balloon", "stats-interval", "86400"],
+        ),
+        (
+            &["--balloon", "stats-interval=99999999999999999999999s"],
+            &["--balloon", "stats-interval"],
+        ),
+        (
+            &[
+                "--memory",
+                "size=1G",
+                "--numa",
+                "node=0,cpus=0,memory=8388608T",
+                "--numa",
+                "node=1,memory=9223372037928517632",
+            ],
+            &["--numa", "adds up to more than"],
+        ),
+        (
+            &["--virtio-mem", "id=m0,size=18446744073575333888"],
+            &["hotplug area"],
+        ),
+        (
+            &[
+                "--virtio-mem",
+                "id=m0,size=8388608T",
+                "--virtio-mem",
+                "id=m1,size=8388608T",
+            ],
+            &["hotplug area"],
+        ),
+        (
+            &["--memory", "size=18446744073709551615,slots=1,maxmem=1G"],
+            &["--memory", "maxmem"],
+        ),
+        (
+            &["--memory", "size=99999999999999999999"],
+            &["99999999999999999999"],
+        ),
+        (
+            &["--memory", "size=1G,slots=4294967296,maxmem=4G"],
+            &["slots"],
+        ),
+    ];
+    for (options, names) in cases {
+        let mut args = vec!["run", "--kernel", kernel, "--serial", "off"];
+        args.extend_from_slice(options);
+        expect_error(&args, names);
+    }
+}

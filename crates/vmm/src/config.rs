@@ -138,7 +138,10 @@ impl MemoryConfig {
                         "slots must be between 1 and {MAX_DIMM_SLOTS}"
                     )));
                 }
-                if maxmem < size + DIMM_ALIGN {
+                if size
+                    .checked_add(DIMM_ALIGN)
+                    .is_none_or(|least| maxmem < least)
+                {
                     return Err(invalid(format!(
                         "maxmem must leave room for at least one 128 MiB DIMM above size ({})",
                         format_size(size)
@@ -396,10 +399,20 @@ impl BalloonDeviceConfig {
                     }
                 }
                 "stats-interval" => {
-                    let seconds: u64 = v
-                        .trim_end_matches('s')
-                        .parse()
-                        .map_err(|_| invalid(format!("stats-interval '{v}' is not like 5s")))?;
+                    let digits = v.strip_suffix('s').unwrap_or(v);
+                    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err(invalid(format!("stats-interval '{v}' is not like 5s")));
+                    }
+                    let seconds = digits
+                        .parse::<u64>()
+                        .ok()
+                        .filter(|seconds| *seconds <= MAX_STATS_INTERVAL_SECS)
+                        .ok_or_else(|| {
+                            invalid(format!(
+                                "stats-interval '{v}' is too long: at most \
+                                 {MAX_STATS_INTERVAL_SECS}s (a day), or 0s for no statistics"
+                            ))
+                        })?;
                     config.stats_interval =
                         (seconds > 0).then(|| std::time::Duration::from_secs(seconds));
                 }
@@ -412,6 +425,9 @@ impl BalloonDeviceConfig {
         Ok(config)
     }
 }
+
+/// Longest `stats-interval` of the balloon: a day.
+pub const MAX_STATS_INTERVAL_SECS: u64 = 24 * 60 * 60;
 
 /// One NUMA node: `node=ID,cpus=LIST,memory=SIZE` (cpus as `0`, `0-3` or `0:2:5`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -556,18 +572,20 @@ impl VmConfig {
                 });
             }
         }
-        let total_hotplug: u64 = self
-            .virtio_mem
-            .iter()
-            .map(|d| {
-                d.size
-                    .next_multiple_of(crate::arch::x86_64::layout::HOTPLUG_AREA_ALIGN)
-            })
-            .sum::<u64>()
-            + self.memory.dimm_budget();
-        if total_hotplug > crate::arch::x86_64::layout::HOTPLUG_AREA_SIZE {
+        // Sizes come from the command line: a sum that overflows is as much too big as one
+        // above the area, and must not wrap around the check.
+        let total_hotplug =
+            self.virtio_mem
+                .iter()
+                .try_fold(self.memory.dimm_budget(), |total, d| {
+                    d.size
+                        .checked_next_multiple_of(crate::arch::x86_64::layout::HOTPLUG_AREA_ALIGN)
+                        .and_then(|size| total.checked_add(size))
+                });
+        if total_hotplug.is_none_or(|total| total > crate::arch::x86_64::layout::HOTPLUG_AREA_SIZE)
+        {
             return Err(ConfigError::InvalidMemory {
-                size: format_size(total_hotplug),
+                size: total_hotplug.map_or_else(|| "more than 16 EiB".into(), format_size),
                 reason: format!(
                     "virtio-mem regions and maxmem exceed the {} hotplug area",
                     format_size(crate::arch::x86_64::layout::HOTPLUG_AREA_SIZE)
@@ -652,13 +670,16 @@ impl VmConfig {
         if let Some(cpu) = seen.iter().position(|s| !s) {
             return Err(invalid(String::new(), format!("vCPU {cpu} is on no node")));
         }
-        let total: u64 = self.numa.iter().map(|n| n.memory).sum();
-        if total != self.memory.size {
+        let total = self
+            .numa
+            .iter()
+            .try_fold(0u64, |total, node| total.checked_add(node.memory));
+        if total != Some(self.memory.size) {
             return Err(invalid(
                 String::new(),
                 format!(
                     "the nodes' memory adds up to {}, but --memory is {}",
-                    format_size(total),
+                    total.map_or_else(|| "more than 16 EiB".into(), format_size),
                     format_size(self.memory.size)
                 ),
             ));
@@ -790,6 +811,101 @@ mod tests {
         assert!(SerialConfig::parse("tcp=nonsense").is_err());
         assert!(SerialConfig::parse("file=").is_err());
         assert!(SerialConfig::parse("pty").is_err());
+    }
+
+    fn small_config() -> VmConfig {
+        VmConfig {
+            kernel: "/proc/self/exe".into(),
+            initramfs: None,
+            cmdline: String::new(),
+            cpus: 1,
+            memory: MemoryConfig {
+                size: 1 << 30,
+                ..MemoryConfig::default()
+            },
+            serial: SerialConfig::Off,
+            virtio_mem: Vec::new(),
+            violation_policy: ViolationPolicy::Report,
+            numa: Vec::new(),
+            balloon: None,
+            dimms: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn huge_stats_intervals_are_refused_with_the_limit() {
+        let b = BalloonDeviceConfig::parse(&format!("stats-interval={MAX_STATS_INTERVAL_SECS}s"))
+            .unwrap();
+        assert_eq!(
+            b.stats_interval,
+            Some(std::time::Duration::from_secs(MAX_STATS_INTERVAL_SECS))
+        );
+        for huge in [
+            format!("{}s", MAX_STATS_INTERVAL_SECS + 1),
+            format!("{}s", u64::MAX),
+            format!("{}", u64::MAX),
+        ] {
+            let error = BalloonDeviceConfig::parse(&format!("stats-interval={huge}"))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--balloon"), "{error}");
+            assert!(error.contains("stats-interval"), "{error}");
+            assert!(
+                error.contains(&MAX_STATS_INTERVAL_SECS.to_string()),
+                "{error}"
+            );
+        }
+    }
+
+    #[test]
+    fn numa_memory_that_wraps_around_is_refused() {
+        let mut config = small_config();
+        config.numa = vec![
+            NumaNodeConfig::parse("node=0,cpus=0,memory=8388608T").unwrap(),
+            NumaNodeConfig::parse("node=1,memory=9223372037928517632").unwrap(),
+        ];
+        // 2^63 + (2^63 + 1 GiB) is 1 GiB modulo 2^64: the --memory size.
+        let error = config.validate(None).unwrap_err().to_string();
+        assert!(error.contains("--numa"), "{error}");
+        assert!(error.contains("adds up to more than"), "{error}");
+    }
+
+    #[test]
+    fn virtio_mem_sizes_that_wrap_around_are_refused() {
+        let mut config = small_config();
+        for sizes in [
+            &["16777215T"][..],
+            &["8388608T", "8388608T"][..],
+            &["18446744073575333888"][..],
+        ] {
+            config.virtio_mem = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, size)| {
+                    VirtioMemDeviceConfig::parse(&format!("id=m{i},size={size}")).unwrap()
+                })
+                .collect();
+            let error = config.validate(None).unwrap_err().to_string();
+            assert!(error.contains("hotplug area"), "{sizes:?}: {error}");
+        }
+        config.virtio_mem.clear();
+        config.memory = MemoryConfig::parse("size=1G,slots=1,maxmem=16777215T").unwrap();
+        config.virtio_mem = vec![VirtioMemDeviceConfig::parse("id=m,size=16777215T").unwrap()];
+        let error = config.validate(None).unwrap_err().to_string();
+        assert!(error.contains("hotplug area"), "{error}");
+    }
+
+    #[test]
+    fn memory_sizes_near_2_pow_64_are_refused() {
+        for value in [
+            "size=18446744073709551615,slots=1,maxmem=1G",
+            "size=18446744073709551615,slots=1,maxmem=18446744073709551615",
+            "size=16777215T,slots=1,maxmem=16777215T",
+        ] {
+            let error = MemoryConfig::parse(value).unwrap_err().to_string();
+            assert!(error.contains("--memory"), "{value}: {error}");
+            assert!(error.contains("maxmem"), "{value}: {error}");
+        }
     }
 
     #[test]

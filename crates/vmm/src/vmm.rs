@@ -3,7 +3,7 @@
 
 mod dimms;
 
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -95,6 +95,8 @@ const API_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Forwards API requests from the server's threads to the control loop.
 pub struct ApiBridge {
     events: ControlSender,
+    /// How long to wait for the control loop's answer ([`API_REPLY_TIMEOUT`]).
+    reply_timeout: Duration,
 }
 
 impl RequestHandler for ApiBridge {
@@ -103,9 +105,24 @@ impl RequestHandler for ApiBridge {
         if !self.events.send(ControlEvent::Api(request, reply_tx)) {
             return Err(ApiError::internal("the VMM is shutting down"));
         }
-        reply_rx
-            .recv_timeout(API_REPLY_TIMEOUT)
-            .map_err(|_| ApiError::internal("the VMM did not answer in time"))?
+        match reply_rx.recv_timeout(self.reply_timeout) {
+            Ok(answer) => answer,
+            // The request stays in the control loop's queue (or is being carried out) and
+            // cannot be taken back: say so, so that a client does not retry a resize or a
+            // DIMM add believing it failed.
+            Err(RecvTimeoutError::Timeout) => Err(ApiError::new(
+                504,
+                format!(
+                    "the VMM did not answer within {} s; the request was not cancelled: it is \
+                     still queued or in progress and will be carried out (check GET /vm/info \
+                     before retrying)",
+                    self.reply_timeout.as_secs_f64()
+                ),
+            )),
+            Err(RecvTimeoutError::Disconnected) => Err(ApiError::internal(
+                "the VMM dropped the request without answering (it is stopping)",
+            )),
+        }
     }
 }
 
@@ -174,6 +191,7 @@ impl Vmm {
     pub fn api_handler(&self) -> Result<Arc<dyn RequestHandler>, VmmError> {
         Ok(Arc::new(ApiBridge {
             events: self.sender()?,
+            reply_timeout: API_REPLY_TIMEOUT,
         }))
     }
 
@@ -634,5 +652,55 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         self.stop_vm();
         Console::cleanup(&self.config.serial);
+    }
+}
+
+#[cfg(test)]
+mod bridge_tests {
+    use super::*;
+
+    fn bridge(reply_timeout: Duration) -> (ApiBridge, Receiver<ControlEvent>) {
+        let (tx, rx) = channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let events = ControlSender::new(tx, &wake).unwrap();
+        (
+            ApiBridge {
+                events,
+                reply_timeout,
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn a_late_answer_is_reported_as_still_queued_not_as_failed() {
+        let (bridge, events) = bridge(Duration::from_millis(50));
+        // The control loop is busy: the request stays queued.
+        let error = bridge.handle(ApiRequest::Reboot).unwrap_err();
+        assert_eq!(error.status, 504, "{}", error.message);
+        assert!(
+            error.message.contains("still") && error.message.contains("carried out"),
+            "{}",
+            error.message
+        );
+        // The request really is still queued: the control loop will run it.
+        assert!(matches!(
+            events.try_recv(),
+            Ok(ControlEvent::Api(ApiRequest::Reboot, _))
+        ));
+    }
+
+    #[test]
+    fn a_control_loop_that_drops_the_request_is_a_500() {
+        let (bridge, events) = bridge(Duration::from_secs(10));
+        let dropper = std::thread::spawn(move || drop(events.recv()));
+        let error = bridge.handle(ApiRequest::VmInfo).unwrap_err();
+        dropper.join().unwrap();
+        assert_eq!(error.status, 500, "{}", error.message);
+        assert!(
+            error.message.contains("without answering"),
+            "{}",
+            error.message
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tidevm_api::ApiServer;
+use tidevm_api::{parse_socket_mode, ApiServer, DEFAULT_SOCKET_MODE};
 use tidevm_vmm::config::{
     BalloonDeviceConfig, MemoryConfig, NumaNodeConfig, SerialConfig, ViolationPolicy,
     VirtioMemDeviceConfig,
@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// Unix socket for the control API.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Permissions of the API socket, in octal (default 600: its owner only). Whoever may
+    /// write the socket controls the VM; 660 lets the socket's group in too.
+    #[arg(long, requires = "api_socket")]
+    api_socket_mode: Option<String>,
     /// Guest console: stdout, off, file=PATH, socket=PATH or tcp=ADDR.
     #[arg(long, default_value = "stdout")]
     serial: String,
@@ -95,11 +99,15 @@ impl RunArgs {
 pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     let config = args.to_config()?;
     config.validate(host_memory_bytes())?;
+    let socket_mode = match args.api_socket_mode.as_deref() {
+        Some(text) => parse_socket_mode(text).context("--api-socket-mode")?,
+        None => DEFAULT_SOCKET_MODE,
+    };
     // Bind the API socket before booting so that a busy path fails fast.
     let api = args
         .api_socket
         .as_deref()
-        .map(ApiServer::bind)
+        .map(|path| ApiServer::bind_with_mode(path, socket_mode))
         .transpose()?;
     let vmm = Vmm::new(config)?;
     let api_thread = match &api {

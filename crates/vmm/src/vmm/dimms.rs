@@ -63,6 +63,28 @@ fn find_room(area: Range, used: &[Range], size: u64) -> Option<u64> {
     (candidate + size <= area.end()).then_some(candidate)
 }
 
+/// Whether a DIMM of `size` bytes fits under `maxmem` next to `boot` bytes of boot RAM and
+/// the DIMMs of `plugged` sizes. `size` comes from the client: the sum is checked, so a size
+/// near 2^64 cannot wrap past the limit.
+fn check_dimm_fits(boot: u64, plugged: &[u64], size: u64, maxmem: u64) -> Result<(), ApiError> {
+    let plugged_total = plugged
+        .iter()
+        .try_fold(0u64, |total, dimm| total.checked_add(*dimm));
+    let total = plugged_total
+        .and_then(|plugged| boot.checked_add(plugged))
+        .and_then(|used| used.checked_add(size));
+    match total {
+        Some(total) if total <= maxmem => Ok(()),
+        _ => Err(ApiError::bad_request(format!(
+            "a {} DIMM would bring the guest to {}, above maxmem {} ({} in DIMMs now)",
+            format_size(size),
+            total.map_or_else(|| "more than 16 EiB".to_owned(), format_size),
+            format_size(maxmem),
+            plugged_total.map_or_else(|| "more than 16 EiB".to_owned(), format_size)
+        ))),
+    }
+}
+
 impl Vmm {
     fn dimm_config_index(&self, id: &str) -> Result<usize, ApiError> {
         self.config
@@ -86,16 +108,8 @@ impl Vmm {
                 "DIMM size {size} bytes is not a non-zero multiple of 128 MiB (the guest's memory block)"
             )));
         }
-        let plugged: u64 = self.config.dimms.iter().map(|d| d.size).sum();
-        if memory.size + plugged + size > memory.maxmem {
-            return Err(ApiError::bad_request(format!(
-                "a {} DIMM would bring the guest to {}, above maxmem {} ({} in DIMMs now)",
-                format_size(size),
-                format_size(memory.size + plugged + size),
-                format_size(memory.maxmem),
-                format_size(plugged)
-            )));
-        }
+        let plugged: Vec<u64> = self.config.dimms.iter().map(|d| d.size).collect();
+        check_dimm_fits(memory.size, &plugged, size, memory.maxmem)?;
         let nodes = self.config.numa.len().max(1) as u32;
         let node = request.node.unwrap_or(0);
         if node >= nodes {
@@ -272,6 +286,28 @@ mod tests {
 
     fn range(start: u64, size: u64) -> Range {
         Range { start, size }
+    }
+
+    #[test]
+    fn dimm_sizes_near_2_pow_64_are_rejected_not_wrapped() {
+        const GIB: u64 = 1 << 30;
+        let maxmem = 8 * GIB;
+        assert!(check_dimm_fits(GIB, &[GIB], GIB, maxmem).is_ok());
+        assert!(check_dimm_fits(GIB, &[GIB], 6 * GIB, maxmem).is_ok());
+        let error = check_dimm_fits(GIB, &[GIB], 7 * GIB, maxmem).unwrap_err();
+        assert_eq!(error.status, 400);
+        // boot + plugged + size wraps to 1 GiB + 128 MiB: must still be refused with a 400.
+        let huge = u64::MAX - 2 * GIB + 1 + 128 * MIB;
+        for (plugged, size) in [
+            (&[GIB][..], huge),
+            (&[GIB][..], u64::MAX),
+            (&[GIB][..], u64::MAX - 128 * MIB + 1),
+            (&[u64::MAX - 2 * GIB][..], 4 * GIB),
+        ] {
+            let error = check_dimm_fits(GIB, plugged, size, maxmem).unwrap_err();
+            assert_eq!(error.status, 400, "{size}: {}", error.message);
+            assert!(error.message.contains("maxmem"), "{}", error.message);
+        }
     }
 
     #[test]
