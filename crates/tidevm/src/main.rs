@@ -6,7 +6,27 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// Release builds unwind on panic so that a panicking API handler answers 500 instead of
+/// killing the VM (the API server catches it). Every other thread (the control loop, vCPUs,
+/// the console) must still fail fast: a vCPU thread that died alone would leave a hung VM.
+fn fail_fast_outside_the_api() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        let name = std::thread::current().name().map(str::to_owned);
+        let api = name.as_deref().is_some_and(|n| n.starts_with("tidevm-api"));
+        if !api {
+            eprintln!(
+                "tidevm: thread {} panicked; aborting",
+                name.as_deref().unwrap_or("?")
+            );
+            std::process::abort();
+        }
+    }));
+}
+
 fn main() -> ExitCode {
+    fail_fast_outside_the_api();
     let args = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
