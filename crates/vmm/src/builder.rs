@@ -32,6 +32,7 @@ use crate::devices::virtio::transport_pci::{
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
 use crate::memory::{Backing, DimmMemoryError, HotplugRegionId, MemoryManager};
+use crate::memory_service::{MemoryDevices, MemoryService, MemorySettings};
 use crate::vstate::interrupts::MsiRouting;
 use crate::vstate::vcpu::{VcpuContext, VcpuThread};
 use crate::vstate::vm;
@@ -111,40 +112,35 @@ fn kvm_err(what: impl Into<String>) -> impl FnOnce(kvm_ioctls::Error) -> BuildEr
 }
 
 /// A VM that runs. Fields drop in order: vCPU threads are stopped by the owner before this
-/// is dropped, then the VM fd goes, and guest memory last, after nothing can use it.
+/// is dropped; the memory service (guest memory and the memory devices) goes last, after
+/// nothing can use it. The VM fd closes with the last `Arc<VmFd>`, which the memory manager
+/// holds, so KVM's slots stay valid as long as the mappings they point to.
 #[derive(Debug)]
 pub struct RunningVm {
     /// The vCPU threads.
     pub vcpus: Vec<VcpuThread>,
     /// Tells the vCPU threads to stop.
     pub stop: Arc<AtomicBool>,
-    /// Port I/O devices.
-    pub io_bus: Arc<Bus>,
-    /// MMIO devices.
-    pub mmio_bus: Arc<Bus>,
-    /// The GED (hotplug and power-button notifications).
-    pub ged: Arc<Mutex<GedDevice>>,
-    /// BAR space for PCI devices.
-    pub bars: BarAllocator,
-    /// PCI bus 0.
-    pub pci: Arc<Mutex<PciRoot>>,
     /// Every virtio transport, in the order their queue events are watched.
     pub virtio: Vec<Arc<Mutex<dyn VirtioTransport>>>,
-    /// The virtio-mem devices (also in `virtio`), in configuration order.
-    pub virtio_mem: Vec<Arc<Mutex<VirtioPciDevice<VirtioMem>>>>,
-    /// The balloon (also in `virtio`), if configured.
-    pub balloon: Option<Arc<Mutex<VirtioPciDevice<BalloonDevice>>>>,
-    /// Guest-physical ranges of the hotplug regions and the DIMM area (for the vCPUs'
-    /// fault reports).
-    pub hotplug_ranges: Arc<Vec<GuestRange>>,
-    /// ACPI DIMM hotplug, when the VM has slots.
-    pub dimms: Option<DimmHotplug>,
-    /// GSI routes for MSI-X.
-    pub msi_routing: Arc<MsiRouting>,
-    /// The KVM VM.
-    pub vm_fd: Arc<VmFd>,
-    /// Guest memory, its layout and slots.
-    pub memory: MemoryManager,
+    /// Devices the guest reaches by port I/O and MMIO, and PCI bus 0; held so they live as
+    /// long as the VM (the vCPU threads hold the buses too).
+    _platform: Platform,
+    /// Guest memory and the memory devices.
+    pub memory: MemoryService,
+}
+
+/// What a running VM keeps alive but the control loop never asks for.
+#[derive(Debug)]
+#[allow(dead_code)] // Held for their lifetime only.
+struct Platform {
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    ged: Arc<Mutex<GedDevice>>,
+    bars: BarAllocator,
+    pci: Arc<Mutex<PciRoot>>,
+    msi_routing: Arc<MsiRouting>,
+    hotplug_ranges: Arc<Vec<GuestRange>>,
 }
 
 /// ACPI DIMM hotplug of a running VM: where DIMMs go, the controller the guest talks to, and
@@ -372,21 +368,30 @@ pub fn build_vm(
         };
         vcpus.push(VcpuThread::spawn(fd, ctx).map_err(BuildError::Thread)?);
     }
+    let settings = MemorySettings::of(config);
+    let memory = MemoryService::new(
+        MemoryDevices {
+            manager: memory,
+            vm_fd,
+            virtio_mem,
+            balloon,
+            dimms,
+        },
+        settings,
+    );
     Ok(RunningVm {
         vcpus,
         stop,
-        io_bus,
-        mmio_bus,
-        ged,
-        bars,
-        pci,
         virtio,
-        virtio_mem,
-        balloon,
-        hotplug_ranges,
-        dimms,
-        msi_routing,
-        vm_fd,
+        _platform: Platform {
+            io_bus,
+            mmio_bus,
+            ged,
+            bars,
+            pci,
+            msi_routing,
+            hotplug_ranges,
+        },
         memory,
     })
 }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod memory;
+pub mod memory_service;
 pub mod vmm;
 pub mod vstate;
 

@@ -1,28 +1,23 @@
 //! The control loop: one thread that owns the running VM, answers API requests and handles
 //! power-off and reset.
 
-mod dimms;
+mod api;
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::os::fd::AsRawFd;
 
 use kvm_ioctls::Kvm;
-use tidevm_api::{
-    ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats, HostRss, MemoryInfo,
-    MemoryViolation, RequestHandler, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
-};
+use tidevm_api::{ApiError, ApiRequest, ApiResponse, RequestHandler};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::builder::{build_vm, BuildError, RunningVm};
-use crate::config::{ViolationPolicy, VmConfig};
+use crate::config::VmConfig;
 use crate::console::{Console, ConsoleError};
-use crate::devices::virtio::balloon::device::STATS_QUEUE;
-use crate::devices::virtio::balloon::BalloonDevice;
-use crate::devices::virtio::transport_pci::VirtioPciDevice;
+use crate::memory_service::{ViolationLog, ViolationOutcome};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus};
 use crate::vstate::vm::{open_kvm, VmError};
 use crate::vstate::{ExitRequester, VmExitReason};
@@ -142,19 +137,7 @@ pub struct Vmm {
     epoll: Epoll,
     /// What each epoll token (minus one) stands for: a virtio device and one of its queues.
     queue_tokens: Vec<(usize, usize)>,
-    /// The most recent guest accesses to memory it does not own.
-    violations: Vec<MemoryViolation>,
-    /// All such accesses since start.
-    violation_count: u64,
-    /// When the balloon's statistics are due next.
-    next_stats: Option<std::time::Instant>,
-    /// The balloon's reuse scan found the guest writing inflated pages, and its policy is
-    /// to stop the VM.
-    reuse_stop: bool,
 }
-
-/// How many memory violations the API keeps.
-const MAX_VIOLATIONS_KEPT: usize = 16;
 
 impl Vmm {
     /// Opens KVM and the console; nothing runs yet.
@@ -176,10 +159,6 @@ impl Vmm {
             vm: None,
             epoll,
             queue_tokens: Vec::new(),
-            violations: Vec::new(),
-            violation_count: 0,
-            next_stats: None,
-            reuse_stop: false,
         })
     }
 
@@ -195,14 +174,16 @@ impl Vmm {
         }))
     }
 
-    fn boot(&mut self) -> Result<(), VmmError> {
+    /// Boots the VM; `violations` continues the log of the boot before.
+    fn boot(&mut self, violations: ViolationLog) -> Result<(), VmmError> {
         self.generation += 1;
         let generation = self.generation;
         let sender = self.sender()?;
         let exit = ExitRequester::new(move |reason| {
             sender.send(ControlEvent::VmExit { generation, reason });
         });
-        let vm = build_vm(&self.kvm, &self.config, &self.console, &exit)?;
+        let mut vm = build_vm(&self.kvm, &self.config, &self.console, &exit)?;
+        vm.memory.carry_violations(violations);
         self.watch_events(&vm)?;
         self.vm = Some(vm);
         tracing::info!("VM booting (boot #{generation})");
@@ -233,26 +214,44 @@ impl Vmm {
         Ok(())
     }
 
-    fn stop_vm(&mut self) {
-        if let Some(mut vm) = self.vm.take() {
-            vm.stop.store(true, std::sync::atomic::Ordering::Release);
-            stop_vcpus(std::mem::take(&mut vm.vcpus));
-        }
+    /// Stops the VM; returns its violation log. What the memory service changed (requested
+    /// sizes, DIMMs, the balloon target) goes back into the configuration for the next boot.
+    fn stop_vm(&mut self) -> ViolationLog {
+        let Some(mut vm) = self.vm.take() else {
+            return ViolationLog::default();
+        };
+        vm.stop.store(true, std::sync::atomic::Ordering::Release);
+        stop_vcpus(std::mem::take(&mut vm.vcpus));
+        let settings = vm.memory.settings();
+        settings.write_back(&mut self.config);
+        settings.violations.clone()
+    }
+
+    /// Reboots: the same VM, rebuilt in this process.
+    fn reboot(&mut self) -> Result<(), VmmError> {
+        let violations = self.stop_vm();
+        self.boot(violations)
     }
 
     /// Boots the VM and runs the control loop until the VM powers off or is shut down.
     /// Returns the process exit code.
     pub fn run(mut self) -> Result<i32, VmmError> {
-        self.boot()?;
+        self.boot(ViolationLog::default())?;
         let mut ready = vec![EpollEvent::default(); 32];
         loop {
-            let timeout_ms = self.poll_balloon_stats();
-            if std::mem::take(&mut self.reuse_stop) {
+            let tick = match self.vm.as_mut() {
+                Some(vm) => vm.memory.tick(Instant::now()),
+                None => Default::default(),
+            };
+            if tick.stop_for_reuse {
                 self.stop_vm();
                 return Err(VmmError::GuestFailed(
                     "the guest wrote pages it had given to the balloon (on-reuse=stop)".into(),
                 ));
             }
+            let timeout_ms = tick.next_in.map_or(-1, |d| {
+                (d.as_millis().min(i32::MAX as u128 - 1) as i32).saturating_add(1)
+            });
             let count = match self.epoll.wait(timeout_ms, &mut ready) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -273,37 +272,6 @@ impl Vmm {
         }
     }
 
-    /// Asks the guest for fresh balloon statistics when the interval has passed; returns how
-    /// long the control loop may sleep (-1: no timer).
-    fn poll_balloon_stats(&mut self) -> i32 {
-        let Some(vm) = self.vm.as_mut() else {
-            return -1;
-        };
-        let Some(balloon) = vm.balloon.clone() else {
-            return -1;
-        };
-        let mut transport = balloon.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(interval) = transport.device().stats_interval() else {
-            return -1;
-        };
-        let now = std::time::Instant::now();
-        let due = *self.next_stats.get_or_insert(now + interval);
-        if now >= due {
-            let guest_memory = vm.memory.guest_memory().clone();
-            transport.activate_and_drain(&guest_memory, &mut vm.memory);
-            let signal = transport
-                .device_mut()
-                .request_stats(&guest_memory, &vm.memory);
-            transport.raise(signal, STATS_QUEUE);
-            if transport.device_mut().scan_for_reuse(&vm.memory) {
-                self.reuse_stop = true;
-            }
-            self.next_stats = Some(now + interval);
-            return interval.as_millis().min(i32::MAX as u128) as i32;
-        }
-        (due - now).as_millis().min(i32::MAX as u128) as i32 + 1
-    }
-
     fn process_queue_notification(&mut self, token: u64) {
         let Some(&(device_index, queue_index)) = self.queue_tokens.get(token as usize - 1) else {
             return;
@@ -316,8 +284,9 @@ impl Vmm {
         };
         let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
         let _ = device.queue_events()[queue_index].read();
-        let guest_memory = vm.memory.guest_memory().clone();
-        device.process_queue(queue_index, &guest_memory, &mut vm.memory);
+        let manager = vm.memory.manager_mut();
+        let guest_memory = manager.guest_memory().clone();
+        device.process_queue(queue_index, &guest_memory, manager);
     }
 
     fn handle_event(&mut self, event: ControlEvent) -> Result<Option<i32>, VmmError> {
@@ -331,17 +300,23 @@ impl Vmm {
                 }
                 VmExitReason::Reset => {
                     tracing::info!("guest reset: rebooting");
-                    self.stop_vm();
-                    self.boot()?;
+                    self.reboot()?;
                 }
                 VmExitReason::Failed(message) => {
                     self.stop_vm();
                     return Err(VmmError::GuestFailed(message));
                 }
-                VmExitReason::DimmEjected { slot } => self.dimm_ejected(slot),
+                VmExitReason::DimmEjected { slot } => {
+                    if let Some(vm) = self.vm.as_mut() {
+                        vm.memory.dimm_ejected(slot);
+                    }
+                }
                 VmExitReason::Violation { gpa, write, vcpu } => {
-                    self.record_violation(gpa, write, vcpu);
-                    if self.config.violation_policy == ViolationPolicy::Stop {
+                    let outcome = self
+                        .vm
+                        .as_mut()
+                        .map(|vm| vm.memory.record_violation(gpa, write, vcpu));
+                    if outcome == Some(ViolationOutcome::Stop) {
                         self.stop_vm();
                         return Err(VmmError::GuestFailed(format!(
                             "the guest touched memory it does not own at {gpa:#x}"
@@ -360,10 +335,12 @@ impl Vmm {
         request: ApiRequest,
         reply: Sender<Result<ApiResponse, ApiError>>,
     ) -> Result<Option<i32>, VmmError> {
-        match request {
-            ApiRequest::VmInfo => {
-                let _ = reply.send(Ok(ApiResponse::VmInfo(self.info())));
-            }
+        let answer = match request {
+            ApiRequest::VmInfo => Ok(ApiResponse::VmInfo(api::vm_info(
+                self.vm.as_ref().map(|vm| &vm.memory),
+                u32::from(self.config.cpus),
+                self.config.memory.size,
+            ))),
             ApiRequest::Shutdown => {
                 self.stop_vm();
                 let _ = reply.send(Ok(ApiResponse::Empty));
@@ -371,280 +348,16 @@ impl Vmm {
                 return Ok(Some(0));
             }
             ApiRequest::Reboot => {
-                self.stop_vm();
-                self.boot()?;
-                let _ = reply.send(Ok(ApiResponse::Empty));
+                self.reboot()?;
+                Ok(ApiResponse::Empty)
             }
-            ApiRequest::BalloonStatus => {
-                let _ = reply.send(self.balloon_info().map(ApiResponse::Balloon));
-            }
-            ApiRequest::SetBalloon { target_size } => {
-                let _ = reply.send(self.set_balloon(target_size));
-            }
-            ApiRequest::ResizeVirtioMem { id, requested_size } => {
-                let _ = reply.send(self.resize_virtio_mem(&id, requested_size));
-            }
-            ApiRequest::AddDimm(body) => {
-                let _ = reply.send(self.add_dimm(body));
-            }
-            ApiRequest::RemoveDimm { id } => {
-                let _ = reply.send(self.remove_dimm(&id));
-            }
-        }
+            memory_request => match self.vm.as_mut() {
+                Some(vm) => api::memory_request(&mut vm.memory, memory_request),
+                None => Err(api::not_running()),
+            },
+        };
+        let _ = reply.send(answer);
         Ok(None)
-    }
-
-    /// Records a guest access to memory it does not own (kept for the API and logged).
-    fn record_violation(&mut self, gpa: u64, write: bool, vcpu: u8) {
-        let device = self.vm.as_ref().and_then(|vm| {
-            vm.virtio_mem.iter().find_map(|d| {
-                let d = d.lock().unwrap_or_else(|e| e.into_inner());
-                let status = d.device().status();
-                status.region.contains(gpa).then_some(status.id)
-            })
-        });
-        tracing::warn!(
-            "guest vCPU {vcpu} {} unplugged memory it does not own at {gpa:#x} (device {})",
-            if write { "wrote" } else { "read" },
-            device.as_deref().unwrap_or("?")
-        );
-        self.violation_count += 1;
-        if self.violations.len() == MAX_VIOLATIONS_KEPT {
-            self.violations.remove(0);
-        }
-        self.violations.push(MemoryViolation {
-            gpa,
-            write,
-            vcpu: u32::from(vcpu),
-            device,
-        });
-    }
-
-    fn balloon_handle(&self) -> Result<&Arc<Mutex<VirtioPciDevice<BalloonDevice>>>, ApiError> {
-        self.vm
-            .as_ref()
-            .and_then(|vm| vm.balloon.as_ref())
-            .ok_or_else(|| ApiError::not_found("this VM has no balloon (start it with --balloon)"))
-    }
-
-    /// Sets the balloon's target and tells the guest.
-    fn set_balloon(&mut self, bytes: u64) -> Result<ApiResponse, ApiError> {
-        if bytes > self.config.memory.size {
-            return Err(ApiError::bad_request(format!(
-                "balloon target {bytes} bytes is more than the boot memory ({} bytes)",
-                self.config.memory.size
-            )));
-        }
-        let mut transport = self
-            .balloon_handle()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let signal = transport
-            .device_mut()
-            .set_target(bytes)
-            .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        transport.raise(signal, 0);
-        drop(transport);
-        if let Some(balloon) = self.config.balloon.as_mut() {
-            balloon.size = bytes;
-        }
-        tracing::info!("balloon target now {bytes} bytes");
-        Ok(ApiResponse::Empty)
-    }
-
-    fn balloon_info(&self) -> Result<BalloonInfo, ApiError> {
-        let vm = self
-            .vm
-            .as_ref()
-            .ok_or_else(|| ApiError::conflict("the VM is not running"))?;
-        let status = {
-            let mut transport = self
-                .balloon_handle()?
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            // Fresh, so that what the API shows is exact now; a stop policy acts on the
-            // next stats poll.
-            transport.device_mut().scan_for_reuse(&vm.memory);
-            transport.device().status()
-        };
-        let split = vm.memory.resident();
-        let plugged: u64 = vm
-            .virtio_mem
-            .iter()
-            .map(|d| {
-                d.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .device()
-                    .status()
-                    .plugged_size
-            })
-            .sum();
-        // DIMMs are guest RAM too: their resident memory is in `split.guest`.
-        let dimm_bytes: u64 = self.config.dimms.iter().map(|d| d.size).sum();
-        let mut warnings = Vec::new();
-        if status.reused.reused_pages > 0 {
-            warnings.push(format!(
-                "the guest wrote {} pages it had inflated, without deflating them first",
-                status.reused.reused_pages
-            ));
-        }
-        if let Some(warning) = self
-            .balloon_handle()?
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .device()
-            .audit(split.guest, self.config.memory.size + plugged + dimm_bytes)
-        {
-            warnings.push(warning);
-        }
-        if let Some(stats) = &status.stats {
-            if stats.stale {
-                warnings.push("the guest's statistics are stale: it stopped answering".into());
-            }
-            warnings.extend(stats.inconsistencies.iter().cloned());
-        }
-        Ok(BalloonInfo {
-            target_bytes: status.target_bytes,
-            actual_bytes: status.actual_bytes,
-            inflated_bytes: status.inflated_bytes,
-            discarded_bytes: status.discarded_bytes,
-            reported_free_bytes: status.reported_free_bytes,
-            bad_pfns: status.bad_pfns,
-            discard_syscalls: status.discard_syscalls,
-            discard_ns: status.discard_time.as_nanos() as u64,
-            stats: status.stats.map(|s| BalloonStats {
-                age_seconds: s.age.as_secs(),
-                values: s.values,
-            }),
-            warnings,
-            host_rss: HostRss {
-                total_bytes: split.total,
-                guest_memory_bytes: split.guest,
-                vmm_bytes: split.total.saturating_sub(split.guest),
-            },
-            reused_pages: status.reused.reused_pages,
-            reused_ranges: status
-                .reused
-                .reused_ranges
-                .iter()
-                .map(|r| tidevm_api::GuestRange {
-                    start: r.start,
-                    size: r.size,
-                })
-                .collect(),
-            refaulted_zero_pages: status.reused.refaulted_zero_pages,
-        })
-    }
-
-    /// Sets a virtio-mem device's requested size and tells the guest.
-    fn resize_virtio_mem(&mut self, id: &str, bytes: u64) -> Result<ApiResponse, ApiError> {
-        let vm = self
-            .vm
-            .as_mut()
-            .ok_or_else(|| ApiError::conflict("the VM is not running"))?;
-        let index = self
-            .config
-            .virtio_mem
-            .iter()
-            .position(|d| d.id == id)
-            .ok_or_else(|| ApiError::not_found(format!("no virtio-mem device with id {id}")))?;
-        let mut transport = vm.virtio_mem[index]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let signal = transport
-            .device_mut()
-            .set_requested_size(bytes)
-            .map_err(|e| ApiError::bad_request(format!("cannot resize {id}: {e}")))?;
-        transport.raise(signal, 0);
-        // Remembered for the next boot: after a reboot the guest plugs back up to it.
-        self.config.virtio_mem[index].requested = bytes;
-        tracing::info!("virtio-mem {id}: requested size now {bytes} bytes");
-        Ok(ApiResponse::Empty)
-    }
-
-    fn info(&self) -> VmInfo {
-        let to_api = |r: &crate::arch::x86_64::layout::GuestRange| tidevm_api::GuestRange {
-            start: r.start,
-            size: r.size,
-        };
-        let host_rss = self.vm.as_ref().map_or_else(Default::default, |vm| {
-            let split = vm.memory.resident();
-            HostRss {
-                total_bytes: split.total,
-                guest_memory_bytes: split.guest,
-                vmm_bytes: split.total.saturating_sub(split.guest),
-            }
-        });
-        let (ram_ranges, hotplug_area) = match &self.vm {
-            Some(vm) => {
-                let layout = vm.memory.layout();
-                (
-                    layout.ram.iter().map(to_api).collect(),
-                    to_api(&layout.hotplug_area),
-                )
-            }
-            None => (Vec::new(), tidevm_api::GuestRange { start: 0, size: 0 }),
-        };
-        VmInfo {
-            state: if self.vm.is_some() {
-                VmState::Running
-            } else {
-                VmState::ShuttingDown
-            },
-            vcpus: u32::from(self.config.cpus),
-            memory: MemoryInfo {
-                boot_ram_bytes: self.config.memory.size,
-                ram_ranges,
-                hotplug_area,
-                host_rss,
-            },
-            virtio_mem: self.virtio_mem_info(),
-            memory_violations: self.violations.clone(),
-            memory_violation_count: self.violation_count,
-            dimms: self.dimms_info(),
-        }
-    }
-}
-
-impl Vmm {
-    fn virtio_mem_info(&self) -> Vec<VirtioMemInfo> {
-        let Some(vm) = &self.vm else {
-            return Vec::new();
-        };
-        vm.virtio_mem
-            .iter()
-            .map(|d| {
-                let transport = d.lock().unwrap_or_else(|e| e.into_inner());
-                let status = transport.device().status();
-                let m = transport.device().metrics();
-                let all = [m.plug, m.unplug, m.unplug_all, m.state];
-                let counters = VirtioMemCounters {
-                    ack: all.iter().map(|c| c.ack).sum(),
-                    nack: all.iter().map(|c| c.nack).sum(),
-                    busy: all.iter().map(|c| c.busy).sum(),
-                    error: all.iter().map(|c| c.error).sum(),
-                    malformed: m.malformed,
-                    bytes_plugged: m.bytes_plugged,
-                    bytes_unplugged: m.bytes_unplugged,
-                    plug_handling_ns: m.plug_time.as_nanos() as u64,
-                    unplug_handling_ns: m.unplug_time.as_nanos() as u64,
-                };
-                VirtioMemInfo {
-                    counters,
-                    id: status.id,
-                    node: status.node.unwrap_or(0),
-                    region: tidevm_api::GuestRange {
-                        start: status.region.start,
-                        size: status.region.size,
-                    },
-                    block_size: status.block_size,
-                    plugged_size: status.plugged_size,
-                    requested_size: status.requested_size,
-                    usable_region_size: status.usable_region_size,
-                    last_busy_reason: status.last_busy_reason,
-                }
-            })
-            .collect()
     }
 }
 

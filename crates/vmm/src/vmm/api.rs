@@ -1,0 +1,285 @@
+//! The API edge: API requests to memory-service calls, domain states to API types, and typed
+//! errors to HTTP status codes. The only place in the VMM that knows about status codes.
+
+use tidevm_api::{
+    AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats, DimmBacking,
+    DimmInfo, DimmState as ApiDimmState, DimmsInfo, GuestRange as ApiRange, HostRss, MemoryInfo,
+    MemoryViolation, OstReport, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
+};
+
+use crate::arch::x86_64::layout::GuestRange;
+use crate::config::HotplugBacking;
+use crate::memory::ResidentSplit;
+use crate::memory_service::{
+    DimmRequest, DimmState, DimmStatus, DimmsStatus, MemoryRequestError, MemoryService,
+    RequestErrorKind,
+};
+
+/// The HTTP status of a refused memory request.
+fn status_of(kind: RequestErrorKind) -> u16 {
+    match kind {
+        RequestErrorKind::NotFound => 404,
+        RequestErrorKind::Invalid => 400,
+        RequestErrorKind::Conflict => 409,
+        RequestErrorKind::Unavailable => 503,
+        RequestErrorKind::Internal => 500,
+    }
+}
+
+/// A refused memory request as the client sees it: its status and the whole cause chain.
+pub(super) fn api_error(error: &MemoryRequestError) -> ApiError {
+    ApiError::new(status_of(error.kind()), crate::error_chain(error))
+}
+
+/// A request for a VM that is not running (between a stop and the next boot).
+pub(super) fn not_running() -> ApiError {
+    ApiError::conflict("the VM is not running")
+}
+
+fn range(r: &GuestRange) -> ApiRange {
+    ApiRange {
+        start: r.start,
+        size: r.size,
+    }
+}
+
+fn host_rss(split: ResidentSplit) -> HostRss {
+    HostRss {
+        total_bytes: split.total,
+        guest_memory_bytes: split.guest,
+        vmm_bytes: split.total.saturating_sub(split.guest),
+    }
+}
+
+fn backing_of(api: DimmBacking) -> HotplugBacking {
+    match api {
+        DimmBacking::Anon => HotplugBacking::Anonymous,
+        DimmBacking::Memfd => HotplugBacking::Memfd,
+        DimmBacking::Hugetlbfs => HotplugBacking::Hugetlbfs,
+    }
+}
+
+fn backing_to_api(backing: HotplugBacking) -> DimmBacking {
+    match backing {
+        HotplugBacking::Anonymous => DimmBacking::Anon,
+        HotplugBacking::Memfd => DimmBacking::Memfd,
+        HotplugBacking::Hugetlbfs => DimmBacking::Hugetlbfs,
+    }
+}
+
+fn dimm_info(d: DimmStatus) -> DimmInfo {
+    DimmInfo {
+        id: d.id,
+        slot: d.slot,
+        range: range(&d.range),
+        node: d.node,
+        backing: backing_to_api(d.backing),
+        prealloc: d.prealloc,
+        state: match d.state {
+            DimmState::Inserting => ApiDimmState::Inserting,
+            DimmState::Active => ApiDimmState::Active,
+            DimmState::Removing => ApiDimmState::Removing,
+        },
+        resident_bytes: d.resident_bytes,
+        last_ost: d.last_ost.map(|o| OstReport {
+            event: o.event,
+            status: o.status,
+            meaning: o.meaning,
+        }),
+        removal_refused: d.removal_refused,
+    }
+}
+
+fn dimms_info(s: DimmsStatus) -> DimmsInfo {
+    DimmsInfo {
+        slots: s.slots,
+        maxmem_bytes: s.maxmem_bytes,
+        plugged_bytes: s.plugged_bytes,
+        area: range(&s.area),
+        dimms: s.dimms.into_iter().map(dimm_info).collect(),
+    }
+}
+
+/// Answers a request about memory (anything but the VM's life cycle and `GET /vm/info`).
+pub(super) fn memory_request(
+    memory: &mut MemoryService,
+    request: ApiRequest,
+) -> Result<ApiResponse, ApiError> {
+    let done = |result: Result<(), MemoryRequestError>| {
+        result
+            .map(|()| ApiResponse::Empty)
+            .map_err(|e| api_error(&e))
+    };
+    match request {
+        ApiRequest::BalloonStatus => balloon_info(memory),
+        ApiRequest::SetBalloon { target_size } => done(memory.set_balloon(target_size)),
+        ApiRequest::ResizeVirtioMem { id, requested_size } => {
+            done(memory.resize_virtio_mem(&id, requested_size))
+        }
+        ApiRequest::AddDimm(body) => add_dimm(memory, body),
+        ApiRequest::RemoveDimm { id } => remove_dimm(memory, &id),
+        ApiRequest::VmInfo | ApiRequest::Shutdown | ApiRequest::Reboot => Err(ApiError::internal(
+            "a life-cycle request reached the memory service",
+        )),
+    }
+}
+
+/// `POST`/`PUT /vm/dimms`.
+pub(super) fn add_dimm(
+    memory: &mut MemoryService,
+    body: AddDimmBody,
+) -> Result<ApiResponse, ApiError> {
+    let request = DimmRequest {
+        size: body.size,
+        node: body.node,
+        id: body.id,
+        backing: backing_of(body.backing),
+        prealloc: body.prealloc,
+    };
+    memory
+        .add_dimm(request)
+        .map(|d| ApiResponse::Dimm(dimm_info(d)))
+        .map_err(|e| api_error(&e))
+}
+
+/// `DELETE /vm/dimms/{id}`.
+pub(super) fn remove_dimm(memory: &mut MemoryService, id: &str) -> Result<ApiResponse, ApiError> {
+    memory
+        .remove_dimm(id)
+        .map(|d| ApiResponse::Dimm(dimm_info(d)))
+        .map_err(|e| api_error(&e))
+}
+
+/// `GET /vm/balloon`.
+pub(super) fn balloon_info(memory: &mut MemoryService) -> Result<ApiResponse, ApiError> {
+    let (status, _ram, audit) = memory.balloon_status().map_err(|e| api_error(&e))?;
+    let mut warnings = Vec::new();
+    if status.reused.reused_pages > 0 {
+        warnings.push(format!(
+            "the guest wrote {} pages it had inflated, without deflating them first",
+            status.reused.reused_pages
+        ));
+    }
+    warnings.extend(audit);
+    if let Some(stats) = &status.stats {
+        if stats.stale {
+            warnings.push("the guest's statistics are stale: it stopped answering".into());
+        }
+        warnings.extend(stats.inconsistencies.iter().cloned());
+    }
+    Ok(ApiResponse::Balloon(BalloonInfo {
+        target_bytes: status.target_bytes,
+        actual_bytes: status.actual_bytes,
+        inflated_bytes: status.inflated_bytes,
+        discarded_bytes: status.discarded_bytes,
+        reported_free_bytes: status.reported_free_bytes,
+        bad_pfns: status.bad_pfns,
+        discard_syscalls: status.discard_syscalls,
+        discard_ns: status.discard_time.as_nanos() as u64,
+        stats: status.stats.map(|s| BalloonStats {
+            age_seconds: s.age.as_secs(),
+            values: s.values,
+        }),
+        warnings,
+        host_rss: host_rss(memory.resident()),
+        reused_pages: status.reused.reused_pages,
+        reused_ranges: status.reused.reused_ranges.iter().map(range).collect(),
+        refaulted_zero_pages: status.reused.refaulted_zero_pages,
+    }))
+}
+
+fn virtio_mem_info(memory: &MemoryService) -> Vec<VirtioMemInfo> {
+    memory
+        .virtio_mem_statuses()
+        .into_iter()
+        .map(|(status, m)| {
+            let all = [m.plug, m.unplug, m.unplug_all, m.state];
+            VirtioMemInfo {
+                counters: VirtioMemCounters {
+                    ack: all.iter().map(|c| c.ack).sum(),
+                    nack: all.iter().map(|c| c.nack).sum(),
+                    busy: all.iter().map(|c| c.busy).sum(),
+                    error: all.iter().map(|c| c.error).sum(),
+                    malformed: m.malformed,
+                    bytes_plugged: m.bytes_plugged,
+                    bytes_unplugged: m.bytes_unplugged,
+                    plug_handling_ns: m.plug_time.as_nanos() as u64,
+                    unplug_handling_ns: m.unplug_time.as_nanos() as u64,
+                },
+                id: status.id,
+                node: status.node.unwrap_or(0),
+                region: range(&status.region),
+                block_size: status.block_size,
+                plugged_size: status.plugged_size,
+                requested_size: status.requested_size,
+                usable_region_size: status.usable_region_size,
+                last_busy_reason: status.last_busy_reason,
+            }
+        })
+        .collect()
+}
+
+/// `GET /vm/info`: `memory` is `None` between a stop and the next boot.
+pub(super) fn vm_info(memory: Option<&MemoryService>, vcpus: u32, boot_ram_bytes: u64) -> VmInfo {
+    let Some(memory) = memory else {
+        return VmInfo {
+            state: VmState::ShuttingDown,
+            vcpus,
+            memory: MemoryInfo {
+                boot_ram_bytes,
+                ram_ranges: Vec::new(),
+                hotplug_area: ApiRange { start: 0, size: 0 },
+                host_rss: HostRss::default(),
+            },
+            virtio_mem: Vec::new(),
+            memory_violations: Vec::new(),
+            memory_violation_count: 0,
+            dimms: None,
+        };
+    };
+    let (ram, hotplug_area) = memory.layout();
+    let violations = memory.violations();
+    VmInfo {
+        state: VmState::Running,
+        vcpus,
+        memory: MemoryInfo {
+            boot_ram_bytes,
+            ram_ranges: ram.iter().map(range).collect(),
+            hotplug_area: range(&hotplug_area),
+            host_rss: host_rss(memory.resident()),
+        },
+        virtio_mem: virtio_mem_info(memory),
+        memory_violations: violations
+            .recent
+            .iter()
+            .map(|v| MemoryViolation {
+                gpa: v.gpa,
+                write: v.write,
+                vcpu: u32::from(v.vcpu),
+                device: v.device.clone(),
+            })
+            .collect(),
+        memory_violation_count: violations.count,
+        dimms: memory.dimms_status().map(dimms_info),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_refusal_kind_has_its_status() {
+        let cases = [
+            (MemoryRequestError::NoBalloon, 404),
+            (MemoryRequestError::DimmSize(5), 400),
+            (MemoryRequestError::SlotsFull(2), 409),
+            (MemoryRequestError::NoDimmController, 500),
+        ];
+        for (error, status) in cases {
+            let api = api_error(&error);
+            assert_eq!(api.status, status, "{error}");
+            assert_eq!(api.message, error.to_string());
+        }
+    }
+}
