@@ -14,6 +14,8 @@
 //! | PUT    | `/vm/shutdown`        | none                          | 204               |
 //! | PUT    | `/vm/reboot`          | none                          | 204               |
 //! | PUT    | `/vm/virtio-mem/{id}` | `{"requested_size": <bytes>}` | 204               |
+//! | GET    | `/vm/balloon`         | none                          | 200 [`BalloonInfo`] |
+//! | PUT    | `/vm/balloon`         | [`SetBalloonBody`]            | 204               |
 //! | PUT    | `/vm/dimms`           | [`AddDimmBody`]               | 201 [`DimmInfo`]  |
 //! | DELETE | `/vm/dimms/{id}`      | none                          | 202 [`DimmInfo`]  |
 //!

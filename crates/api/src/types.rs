@@ -186,14 +186,21 @@ pub struct VirtioMemCounters {
 /// One guest access to memory it does not own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryViolation {
-    /// Guest-physical address accessed.
-    pub gpa: u64,
-    /// Whether it was a write.
+    /// Guest-physical address accessed; `null` when KVM gave none (a bare EFAULT).
+    pub gpa: Option<u64>,
+    /// Whether it was known to be a write (`access` says whether it was known at all).
     pub write: bool,
+    /// `read`, `write`, or `unknown` (a memory fault exit carries no direction).
+    #[serde(default = "unknown_access")]
+    pub access: String,
     /// The vCPU that made it.
     pub vcpu: u32,
     /// The virtio-mem device whose unplugged block it hit, if any.
     pub device: Option<String>,
+}
+
+fn unknown_access() -> String {
+    "unknown".into()
 }
 
 /// State of one virtio-mem device.

@@ -20,7 +20,7 @@ use crate::console::{Console, ConsoleError};
 use crate::memory_service::{ViolationLog, ViolationOutcome};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus};
 use crate::vstate::vm::{open_kvm, VmError};
-use crate::vstate::{ExitRequester, VmExitReason};
+use crate::vstate::{ExitRequester, VmEvent, VmFailure};
 
 /// Errors that end the VMM.
 #[derive(Debug, thiserror::Error)]
@@ -41,8 +41,8 @@ pub enum VmmError {
     #[error("control loop I/O failed")]
     Epoll(#[source] std::io::Error),
     /// The guest or KVM failed while running.
-    #[error("the VM failed: {0}")]
-    GuestFailed(String),
+    #[error("the VM failed")]
+    GuestFailed(#[from] VmFailure),
 }
 
 /// What reaches the control loop.
@@ -52,7 +52,7 @@ pub enum ControlEvent {
         /// Which boot of the VM sent it (stale requests from before a reset are ignored).
         generation: u64,
         /// Why.
-        reason: VmExitReason,
+        reason: VmEvent,
     },
     /// An API request and where to send the answer.
     Api(ApiRequest, Sender<Result<ApiResponse, ApiError>>),
@@ -245,9 +245,7 @@ impl Vmm {
             };
             if tick.stop_for_reuse {
                 self.stop_vm();
-                return Err(VmmError::GuestFailed(
-                    "the guest wrote pages it had given to the balloon (on-reuse=stop)".into(),
-                ));
+                return Err(VmFailure::BalloonReuse.into());
             }
             let timeout_ms = tick.next_in.map_or(-1, |d| {
                 (d.as_millis().min(i32::MAX as u128 - 1) as i32).saturating_add(1)
@@ -293,34 +291,32 @@ impl Vmm {
         match event {
             ControlEvent::VmExit { generation, .. } if generation != self.generation => {}
             ControlEvent::VmExit { reason, .. } => match reason {
-                VmExitReason::Poweroff => {
+                VmEvent::Poweroff => {
                     tracing::info!("guest powered off");
                     self.stop_vm();
                     return Ok(Some(0));
                 }
-                VmExitReason::Reset => {
+                VmEvent::Reset => {
                     tracing::info!("guest reset: rebooting");
                     self.reboot()?;
                 }
-                VmExitReason::Failed(message) => {
+                VmEvent::Failed(failure) => {
                     self.stop_vm();
-                    return Err(VmmError::GuestFailed(message));
+                    return Err(failure.into());
                 }
-                VmExitReason::DimmEjected { slot } => {
+                VmEvent::DimmEjected { slot } => {
                     if let Some(vm) = self.vm.as_mut() {
                         vm.memory.dimm_ejected(slot);
                     }
                 }
-                VmExitReason::Violation { gpa, write, vcpu } => {
+                VmEvent::Violation { gpa, access, vcpu } => {
                     let outcome = self
                         .vm
                         .as_mut()
-                        .map(|vm| vm.memory.record_violation(gpa, write, vcpu));
+                        .map(|vm| vm.memory.record_violation(gpa, access, vcpu));
                     if outcome == Some(ViolationOutcome::Stop) {
                         self.stop_vm();
-                        return Err(VmmError::GuestFailed(format!(
-                            "the guest touched memory it does not own at {gpa:#x}"
-                        )));
+                        return Err(VmFailure::Violation { gpa }.into());
                     }
                 }
             },

@@ -57,8 +57,17 @@ pub struct RunArgs {
     numa: Vec<String>,
     /// When the guest touches hotplug memory it does not own: report (log and API) or stop.
     /// An access inside a partly plugged 128 MiB chunk cannot be completed and always stops.
-    #[arg(long, default_value = "report", value_parser = ["report", "stop"])]
-    on_memory_violation: String,
+    #[arg(long, value_enum, default_value_t = OnViolation::Report)]
+    on_memory_violation: OnViolation,
+}
+
+/// `--on-memory-violation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnViolation {
+    /// Log it and show it in the API.
+    Report,
+    /// Also stop the VM.
+    Stop,
 }
 
 impl RunArgs {
@@ -85,10 +94,9 @@ impl RunArgs {
                 .iter()
                 .map(|v| NumaNodeConfig::parse(v))
                 .collect::<Result<_, _>>()?,
-            violation_policy: if self.on_memory_violation == "stop" {
-                ViolationPolicy::Stop
-            } else {
-                ViolationPolicy::Report
+            violation_policy: match self.on_memory_violation {
+                OnViolation::Report => ViolationPolicy::Report,
+                OnViolation::Stop => ViolationPolicy::Stop,
             },
             dimms: Vec::new(),
         })

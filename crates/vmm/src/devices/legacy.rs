@@ -2,7 +2,7 @@
 //! (0xcf9) and port 0x61. Enough of them to reboot; no keyboard.
 
 use super::BusDevice;
-use crate::vstate::{ExitRequester, VmExitReason};
+use crate::vstate::{ExitRequester, VmEvent};
 
 /// i8042 command port.
 pub const I8042_PORT: u16 = 0x61;
@@ -32,7 +32,7 @@ impl BusDevice for I8042Reset {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == I8042_CMD_OFFSET && data == [I8042_CMD_RESET_CPU] {
-            self.exit.request(VmExitReason::Reset);
+            self.exit.request(VmEvent::Reset);
         }
     }
 }
@@ -48,6 +48,6 @@ mod tests {
         dev.write(0, &[0xfe]);
         assert!(rx.try_recv().is_err());
         dev.write(I8042_CMD_OFFSET, &[0xfe]);
-        assert_eq!(rx.try_recv().unwrap(), VmExitReason::Reset);
+        assert!(matches!(rx.try_recv().unwrap(), VmEvent::Reset));
     }
 }

@@ -16,7 +16,7 @@
 //! is ignored.
 
 use crate::arch::x86_64::layout::GuestRange;
-use crate::vstate::{ExitRequester, VmExitReason};
+use crate::vstate::{ExitRequester, VmEvent};
 
 use super::BusDevice;
 
@@ -85,6 +85,48 @@ pub fn ost_meaning(event: u32, status: u32) -> String {
     format!("{text} (event {event:#x}, status {status:#x})")
 }
 
+/// Where a slot's DIMM is in its life.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SlotState {
+    /// No DIMM.
+    #[default]
+    Empty,
+    /// Mapped and announced; the guest has not confirmed the insertion yet.
+    Inserting,
+    /// The guest confirmed it (`_OST` success for a device check) or found it at boot.
+    Active,
+    /// The guest was asked to eject it and has neither ejected it nor refused.
+    Removing,
+    /// The guest called `_EJ0`: `_STA` reads 0 while the VMM takes the memory away.
+    Ejected,
+}
+
+impl SlotState {
+    /// Whether the guest may use the DIMM (`_STA` 0xF).
+    pub fn enabled(self) -> bool {
+        matches!(
+            self,
+            SlotState::Inserting | SlotState::Active | SlotState::Removing
+        )
+    }
+}
+
+/// One `_OST` report of the guest: the event it answers and its status code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ost {
+    /// Source event ([`ost`] constants).
+    pub event: u32,
+    /// Status code.
+    pub status: u32,
+}
+
+impl Ost {
+    /// Both, in words.
+    pub fn meaning(&self) -> String {
+        ost_meaning(self.event, self.status)
+    }
+}
+
 /// One DIMM slot as the guest sees it, plus what the VMM tracks of its life.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DimmSlot {
@@ -92,21 +134,16 @@ pub struct DimmSlot {
     pub range: Option<GuestRange>,
     /// Its proximity domain.
     pub node: u32,
-    /// Whether the guest may use it (`_STA` 0xF). Cleared at the eject.
-    pub enabled: bool,
-    /// An insert event waits for the guest's scan.
+    /// Where the DIMM is in its life.
+    pub state: SlotState,
+    /// Status bit: an insert event waits for the guest's scan.
     pub insert_pending: bool,
-    /// A remove event waits for the guest's scan.
+    /// Status bit: a remove event waits for the guest's scan.
     pub remove_pending: bool,
-    /// The guest has confirmed the insertion (`_OST` for a device check), or found the DIMM
-    /// at boot.
-    pub acknowledged: bool,
-    /// A removal was asked for and has neither completed nor been refused.
-    pub removal_requested: bool,
-    /// Why the last removal did not happen.
-    pub removal_refused: Option<String>,
-    /// The guest's last `_OST` report: (event, status).
-    pub last_ost: Option<(u32, u32)>,
+    /// The `_OST` with which the guest refused the last removal.
+    pub removal_refused: Option<Ost>,
+    /// The guest's last `_OST` report.
+    pub last_ost: Option<Ost>,
 }
 
 /// The controller: slot table and the guest's current selector.
@@ -120,7 +157,7 @@ pub struct MemoryHotplugController {
 
 impl MemoryHotplugController {
     /// A controller with `slots` empty slots; ejects are sent to `exit` as
-    /// [`VmExitReason::DimmEjected`].
+    /// [`VmEvent::DimmEjected`].
     pub fn new(slots: u32, exit: ExitRequester) -> Self {
         MemoryHotplugController {
             slots: vec![DimmSlot::default(); slots as usize],
@@ -142,9 +179,12 @@ impl MemoryHotplugController {
             *s = DimmSlot {
                 range: Some(range),
                 node,
-                enabled: true,
+                state: if at_boot {
+                    SlotState::Active
+                } else {
+                    SlotState::Inserting
+                },
                 insert_pending: !at_boot,
-                acknowledged: at_boot,
                 ..DimmSlot::default()
             };
         }
@@ -154,9 +194,10 @@ impl MemoryHotplugController {
     /// already ejected.
     pub fn request_removal(&mut self, slot: u32) -> bool {
         match self.slots.get_mut(slot as usize) {
-            Some(s) if s.enabled => {
+            // Asking again while a removal is pending raises the event again.
+            Some(s) if s.state.enabled() => {
                 s.remove_pending = true;
-                s.removal_requested = true;
+                s.state = SlotState::Removing;
                 s.removal_refused = None;
                 true
             }
@@ -180,9 +221,10 @@ impl MemoryHotplugController {
         let Some(slot) = self.selected_slot() else {
             return u32::MAX;
         };
+        let enabled = slot.state.enabled();
         let range = slot
             .range
-            .filter(|_| slot.enabled)
+            .filter(|_| enabled)
             .unwrap_or(GuestRange { start: 0, size: 0 });
         match offset {
             reg::BASE_LOW_OR_SELECTOR => range.start as u32,
@@ -192,7 +234,7 @@ impl MemoryHotplugController {
             reg::PROXIMITY => slot.node,
             reg::STATUS_OR_CONTROL => {
                 let mut status = 0u8;
-                if slot.enabled {
+                if enabled {
                     status |= bits::ENABLED;
                 }
                 if slot.insert_pending {
@@ -213,18 +255,27 @@ impl MemoryHotplugController {
         let Some(slot) = self.selected_slot() else {
             return;
         };
-        slot.last_ost = Some((event, status));
-        match event {
-            ost::EVENT_DEVICE_CHECK => slot.acknowledged = status == ost::SUCCESS,
-            ost::EVENT_EJECT_REQUEST | ost::EVENT_OSPM_EJECT
-                if slot.enabled && status != ost::SUCCESS && status != ost::EJECT_IN_PROGRESS =>
+        let report = Ost { event, status };
+        slot.last_ost = Some(report);
+        match (event, slot.state) {
+            (ost::EVENT_DEVICE_CHECK, SlotState::Inserting | SlotState::Active) => {
+                slot.state = if status == ost::SUCCESS {
+                    SlotState::Active
+                } else {
+                    SlotState::Inserting
+                };
+            }
+            (ost::EVENT_EJECT_REQUEST | ost::EVENT_OSPM_EJECT, SlotState::Removing)
+                if status != ost::SUCCESS && status != ost::EJECT_IN_PROGRESS =>
             {
                 // The guest gave up: the DIMM stays, fully usable.
-                slot.removal_requested = false;
+                slot.state = SlotState::Active;
                 slot.remove_pending = false;
-                let meaning = ost_meaning(event, status);
-                tracing::warn!("the guest refused to eject DIMM slot {selected}: {meaning}");
-                slot.removal_refused = Some(meaning);
+                tracing::warn!(
+                    "the guest refused to eject DIMM slot {selected}: {}",
+                    report.meaning()
+                );
+                slot.removal_refused = Some(report);
             }
             _ => {}
         }
@@ -241,13 +292,12 @@ impl MemoryHotplugController {
         if control & bits::REMOVE != 0 {
             slot.remove_pending = false;
         }
-        if control & bits::EJECT != 0 && slot.enabled {
+        if control & bits::EJECT != 0 && slot.state.enabled() {
             // `_STA` must read 0 as soon as `_EJ0` returns, or Linux reports an incomplete
-            // eject; the memory itself goes away in the control loop.
-            slot.enabled = false;
+            // eject; the memory itself goes away in the memory service.
+            slot.state = SlotState::Ejected;
             slot.remove_pending = false;
-            self.exit
-                .request(VmExitReason::DimmEjected { slot: selected });
+            self.exit.request(VmEvent::DimmEjected { slot: selected });
         }
     }
 }
@@ -289,10 +339,7 @@ mod tests {
 
     const GIB: u64 = 1 << 30;
 
-    fn controller() -> (
-        MemoryHotplugController,
-        std::sync::mpsc::Receiver<VmExitReason>,
-    ) {
+    fn controller() -> (MemoryHotplugController, std::sync::mpsc::Receiver<VmEvent>) {
         let (exit, rx) = ExitRequester::for_test();
         (MemoryHotplugController::new(4, exit), rx)
     }
@@ -335,11 +382,17 @@ mod tests {
         // The guest acknowledges the insert event, then confirms with _OST.
         c.write(reg::STATUS_OR_CONTROL, &[bits::INSERT]);
         assert_eq!(status(&mut c), bits::ENABLED);
-        assert!(!c.slots()[2].acknowledged);
+        assert_eq!(c.slots()[2].state, SlotState::Inserting);
         c.write(reg::BASE_HIGH_OR_OST_EVENT, &1u32.to_le_bytes());
         c.write(reg::SIZE_LOW_OR_OST_STATUS, &0u32.to_le_bytes());
-        assert!(c.slots()[2].acknowledged);
-        assert_eq!(c.slots()[2].last_ost, Some((1, 0)));
+        assert_eq!(c.slots()[2].state, SlotState::Active);
+        assert_eq!(
+            c.slots()[2].last_ost,
+            Some(Ost {
+                event: 1,
+                status: 0
+            })
+        );
         // Other slots are empty.
         select(&mut c, 0);
         assert_eq!(status(&mut c), 0);
@@ -360,10 +413,10 @@ mod tests {
         c.write(reg::STATUS_OR_CONTROL, &[bits::REMOVE]);
         c.write(reg::STATUS_OR_CONTROL, &[bits::EJECT]);
         assert_eq!(status(&mut c), 0, "_STA must read 0 right after _EJ0");
-        assert_eq!(
+        assert!(matches!(
             rx.try_recv().unwrap(),
-            VmExitReason::DimmEjected { slot: 1 }
-        );
+            VmEvent::DimmEjected { slot: 1 }
+        ));
         // A second eject of the same slot is not reported twice.
         c.write(reg::STATUS_OR_CONTROL, &[bits::EJECT]);
         assert!(rx.try_recv().is_err());
@@ -391,9 +444,8 @@ mod tests {
             c.write(reg::SIZE_LOW_OR_OST_STATUS, &status.to_le_bytes());
         }
         let slot = &c.slots()[0];
-        assert!(slot.enabled);
-        assert!(!slot.removal_requested);
-        assert!(slot.removal_refused.as_deref().unwrap().contains("busy"));
+        assert_eq!(slot.state, SlotState::Active, "usable again");
+        assert!(slot.removal_refused.unwrap().meaning().contains("busy"));
         assert!(rx.try_recv().is_err());
     }
 

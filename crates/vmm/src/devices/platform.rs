@@ -2,7 +2,7 @@
 //! the reset register. The FADT points Linux at them.
 
 use super::BusDevice;
-use crate::vstate::{ExitRequester, VmExitReason};
+use crate::vstate::{ExitRequester, VmEvent};
 
 /// Value of the FADT reset register that resets the machine.
 pub const ACPI_RESET_VALUE: u8 = 1;
@@ -43,11 +43,11 @@ impl BusDevice for AcpiPowerManagement {
         }
         let value = data[0];
         if value == ACPI_RESET_VALUE {
-            self.exit.request(VmExitReason::Reset);
+            self.exit.request(VmEvent::Reset);
         } else if value & SLEEP_ENABLE != 0
             && (value >> SLEEP_TYPE_SHIFT) & SLEEP_TYPE_MASK == ACPI_S5_SLEEP_TYPE
         {
-            self.exit.request(VmExitReason::Poweroff);
+            self.exit.request(VmEvent::Poweroff);
         }
     }
 }
@@ -61,9 +61,9 @@ mod tests {
         let (exit, rx) = ExitRequester::for_test();
         let mut pm = AcpiPowerManagement::new(exit);
         pm.write(0, &[(5 << 2) | (1 << 5)]);
-        assert_eq!(rx.try_recv().unwrap(), VmExitReason::Poweroff);
+        assert!(matches!(rx.try_recv().unwrap(), VmEvent::Poweroff));
         pm.write(0, &[ACPI_RESET_VALUE]);
-        assert_eq!(rx.try_recv().unwrap(), VmExitReason::Reset);
+        assert!(matches!(rx.try_recv().unwrap(), VmEvent::Reset));
         // S3 (sleep) or a write without SLP_EN does nothing.
         pm.write(0, &[(3 << 2) | (1 << 5)]);
         pm.write(0, &[5 << 2]);

@@ -1,8 +1,10 @@
 //! Host-side operations on a hotplug region's mapping: protect, populate, discard.
 //!
-//! This is the only place (with `backing.rs`) that calls mmap-family syscalls. Every operation
-//! takes an offset and length relative to the mapping and checks them against the mapping's
-//! size first, so the unsafe calls below can only ever touch memory this manager owns.
+//! The memory manager's modules are the only code allowed to map, protect, discard or register
+//! memory (`clippy.toml` forbids those calls elsewhere); this one holds the hotplug mappings.
+//! Every operation takes an offset and length relative to the mapping and checks them against
+//! the mapping's size first, so the unsafe calls below can only ever touch memory this manager
+//! owns.
 
 use std::ffi::CStr;
 use std::fs::File;
@@ -157,8 +159,9 @@ impl HostMapping {
         // SAFETY: `checked` proved the range lies inside the mapping `self.region` owns, and
         // the manager passes block-aligned (hence page-aligned) offsets. Changing protection
         // invalidates no Rust reference: nothing in tidevm holds references into hotplug
-        // memory; every access goes through vm-memory after `MemoryManager::is_accessible`
-        // approved it, under the manager's lock that also serialises this call.
+        // memory; every device access goes through vm-memory right after
+        // `MemoryManager::is_accessible` approved it, on the control thread, which is also the
+        // only thread that calls this (through `&mut MemoryManager`), so the two never overlap.
         if unsafe { libc::mprotect(ptr, len, prot) } != 0 {
             return Err(io::Error::last_os_error());
         }

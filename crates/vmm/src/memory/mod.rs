@@ -203,9 +203,11 @@ impl MemoryManager {
             userspace_addr: slot.host_addr,
         };
         // SAFETY: `host_addr..host_addr+size` is a live mapping owned by `self.guest_memory`
-        // (or another mapping this manager owns), which outlives the VM: the manager is dropped
-        // only after the VM fd, and a slot is deleted before its mapping is unmapped. Slots
-        // never overlap because they come from the non-overlapping layout.
+        // (or another mapping this manager owns). A slot is deleted before its mapping is
+        // unmapped, and the manager's own mappings go only when the manager drops, after the
+        // vCPU threads have stopped (the owner stops them first); the VM fd the slot lives in
+        // closes with the last `Arc<VmFd>`, at the latest the manager's. Slots never overlap
+        // because they come from the non-overlapping layout.
         unsafe { vm.set_user_memory_region(region) }.map_err(|source| MemoryError::Slot {
             slot: slot.slot,
             start: slot.range.start,

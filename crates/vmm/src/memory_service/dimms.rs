@@ -6,7 +6,7 @@ use super::{MemoryRequestError, MemoryService};
 use crate::arch::x86_64::layout::GuestRange;
 use crate::builder::host_backing;
 use crate::config::{format_size, DimmConfig, HotplugBacking, DIMM_ALIGN};
-use crate::devices::memory_hotplug::{ost_meaning, DimmSlot};
+use crate::devices::memory_hotplug::{DimmSlot, SlotState};
 
 /// Where a DIMM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -126,12 +126,10 @@ pub(super) fn check_dimm_fits(
 }
 
 fn state_of(slot: &DimmSlot) -> DimmState {
-    if slot.removal_requested {
-        DimmState::Removing
-    } else if slot.acknowledged {
-        DimmState::Active
-    } else {
-        DimmState::Inserting
+    match slot.state {
+        SlotState::Removing | SlotState::Ejected => DimmState::Removing,
+        SlotState::Active => DimmState::Active,
+        SlotState::Inserting | SlotState::Empty => DimmState::Inserting,
     }
 }
 
@@ -283,12 +281,12 @@ impl MemoryService {
                         .regions
                         .get(&d.slot)
                         .map_or(0, |r| self.manager.resident_bytes(*r)),
-                    last_ost: slot.last_ost.map(|(event, status)| OstStatus {
-                        event,
-                        status,
-                        meaning: ost_meaning(event, status),
+                    last_ost: slot.last_ost.map(|ost| OstStatus {
+                        event: ost.event,
+                        status: ost.status,
+                        meaning: ost.meaning(),
                     }),
-                    removal_refused: slot.removal_refused.clone(),
+                    removal_refused: slot.removal_refused.map(|ost| ost.meaning()),
                 }
             })
             .collect();

@@ -27,6 +27,7 @@ use crate::devices::virtio::balloon::{BalloonDevice, BalloonStatus};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemMetrics, VirtioMemStatus};
 use crate::devices::virtio::transport_pci::VirtioPciDevice;
 use crate::memory::{MemoryManager, ResidentSplit};
+use crate::vstate::Access;
 
 /// A virtio-mem device on PCI.
 pub type VirtioMemHandle = Arc<Mutex<VirtioPciDevice<VirtioMem>>>;
@@ -39,10 +40,10 @@ pub const MAX_VIOLATIONS_KEPT: usize = 16;
 /// A guest access to memory it does not own.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Violation {
-    /// Guest-physical address.
-    pub gpa: u64,
-    /// A write (else a read, or unknown).
-    pub write: bool,
+    /// Guest-physical address, when KVM gave one.
+    pub gpa: Option<u64>,
+    /// Read, write, or unknown.
+    pub access: Access,
     /// The vCPU.
     pub vcpu: u8,
     /// The virtio-mem device whose region holds the address, if any.
@@ -310,14 +311,28 @@ impl MemoryService {
     }
 
     /// Records a guest access to memory it does not own (kept for the API and logged).
-    pub fn record_violation(&mut self, gpa: u64, write: bool, vcpu: u8) -> ViolationOutcome {
-        let device = self
-            .virtio_mem_statuses()
-            .into_iter()
-            .find_map(|(s, _)| s.region.contains(gpa).then_some(s.id));
+    pub fn record_violation(
+        &mut self,
+        gpa: Option<u64>,
+        access: Access,
+        vcpu: u8,
+    ) -> ViolationOutcome {
+        let device = gpa.and_then(|gpa| {
+            self.virtio_mem_statuses()
+                .into_iter()
+                .find_map(|(s, _)| s.region.contains(gpa).then_some(s.id))
+        });
         tracing::warn!(
-            "guest vCPU {vcpu} {} unplugged memory it does not own at {gpa:#x} (device {})",
-            if write { "wrote" } else { "read" },
+            "guest vCPU {vcpu} {} unplugged memory it does not own at {} (device {})",
+            match access {
+                Access::Read => "read",
+                Access::Write => "wrote",
+                Access::Unknown => "touched",
+            },
+            gpa.map_or_else(
+                || "an address KVM did not give".to_owned(),
+                |g| format!("{g:#x}")
+            ),
             device.as_deref().unwrap_or("?")
         );
         let log = &mut self.settings.violations;
@@ -327,7 +342,7 @@ impl MemoryService {
         }
         log.recent.push(Violation {
             gpa,
-            write,
+            access,
             vcpu,
             device,
         });

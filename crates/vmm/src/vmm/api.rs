@@ -14,6 +14,7 @@ use crate::memory_service::{
     DimmRequest, DimmState, DimmStatus, DimmsStatus, MemoryRequestError, MemoryService,
     RequestErrorKind,
 };
+use crate::vstate::Access;
 
 /// The HTTP status of a refused memory request.
 fn status_of(kind: RequestErrorKind) -> u16 {
@@ -213,7 +214,7 @@ fn virtio_mem_info(memory: &MemoryService) -> Vec<VirtioMemInfo> {
                 plugged_size: status.plugged_size,
                 requested_size: status.requested_size,
                 usable_region_size: status.usable_region_size,
-                last_busy_reason: status.last_busy_reason,
+                last_busy_reason: status.last_busy_reason.map(|e| crate::error_chain(&*e)),
             }
         })
         .collect()
@@ -254,7 +255,13 @@ pub(super) fn vm_info(memory: Option<&MemoryService>, vcpus: u32, boot_ram_bytes
             .iter()
             .map(|v| MemoryViolation {
                 gpa: v.gpa,
-                write: v.write,
+                write: v.access == Access::Write,
+                access: match v.access {
+                    Access::Read => "read",
+                    Access::Write => "write",
+                    Access::Unknown => "unknown",
+                }
+                .into(),
                 vcpu: u32::from(v.vcpu),
                 device: v.device.clone(),
             })

@@ -9,7 +9,7 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use super::{ExitRequester, VmExitReason};
+use super::{Access, ExitRequester, VmEvent, VmFailure};
 use crate::arch::x86_64::layout::GuestRange;
 use crate::devices::Bus;
 
@@ -85,15 +85,21 @@ fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
             // A kernel without KVM_CAP_MEMORY_FAULT_INFO for this path says only EFAULT: KVM
             // found a slot but could not fault the host page in, and the one kind of page
             // tidevm keeps closed under a slot is an unplugged hotplug block.
-            Err(e) if e.errno() == libc::EFAULT => Some(VmExitReason::Failed(format!(
-                "vCPU {} touched guest memory with no host backing (EFAULT, this kernel gives \
-                 no address): most likely an unplugged hotplug block",
-                ctx.index
-            ))),
-            Err(e) => Some(VmExitReason::Failed(format!(
-                "vCPU {} KVM_RUN failed: {e}",
-                ctx.index
-            ))),
+            Err(e) if e.errno() == libc::EFAULT => {
+                // Recorded as a violation too (with no address), so the API shows it.
+                ctx.exit.request(VmEvent::Violation {
+                    gpa: None,
+                    access: Access::Unknown,
+                    vcpu: ctx.index,
+                });
+                Some(VmEvent::Failed(VmFailure::UnbackedAccess {
+                    vcpu: ctx.index,
+                }))
+            }
+            Err(source) => Some(VmEvent::Failed(VmFailure::KvmRun {
+                vcpu: ctx.index,
+                source,
+            })),
         };
         if let Some(reason) = outcome {
             ctx.exit.request(reason);
@@ -106,9 +112,9 @@ fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
 /// unplugged (protected) block: under shadow paging KVM hands the access to us as MMIO.
 fn report_unclaimed(ctx: &VcpuContext, addr: u64, write: bool) {
     if ctx.hotplug_ranges.iter().any(|r| r.contains(addr)) {
-        ctx.exit.request(VmExitReason::Violation {
-            gpa: addr,
-            write,
+        ctx.exit.request(VmEvent::Violation {
+            gpa: Some(addr),
+            access: if write { Access::Write } else { Access::Read },
             vcpu: ctx.index,
         });
     } else {
@@ -120,7 +126,7 @@ fn report_unclaimed(ctx: &VcpuContext, addr: u64, write: bool) {
 }
 
 /// Handles one exit; returns a reason when the VM has to stop.
-fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmExitReason> {
+fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmEvent> {
     match exit {
         VcpuExit::IoIn(port, data) => {
             if !ctx.io_bus.read(u64::from(port), data) {
@@ -149,46 +155,46 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmExitReason> {
                 "vCPU {}: the guest triple-faulted; resetting the VM",
                 ctx.index
             );
-            return Some(VmExitReason::Reset);
+            return Some(VmEvent::Reset);
         }
         VcpuExit::SystemEvent(kind, _) => {
             return Some(match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => VmExitReason::Poweroff,
-                KVM_SYSTEM_EVENT_RESET => VmExitReason::Reset,
-                KVM_SYSTEM_EVENT_CRASH => VmExitReason::Failed("guest crashed".into()),
-                other => VmExitReason::Failed(format!("unknown KVM system event {other}")),
+                KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::Poweroff,
+                KVM_SYSTEM_EVENT_RESET => VmEvent::Reset,
+                KVM_SYSTEM_EVENT_CRASH => VmEvent::Failed(VmFailure::GuestCrashed),
+                other => VmEvent::Failed(VmFailure::UnknownSystemEvent(other)),
             });
         }
         VcpuExit::FailEntry(reason, cpu) => {
-            return Some(VmExitReason::Failed(format!(
-                "VM entry failed on vCPU {} (host CPU {cpu}, reason {reason:#x})",
-                ctx.index
-            )));
+            return Some(VmEvent::Failed(VmFailure::EntryFailed {
+                vcpu: ctx.index,
+                cpu,
+                reason,
+            }));
         }
         VcpuExit::InternalError => {
-            return Some(VmExitReason::Failed(format!(
-                "KVM internal error on vCPU {}",
-                ctx.index
-            )));
+            return Some(VmEvent::Failed(VmFailure::KvmInternal { vcpu: ctx.index }));
         }
         VcpuExit::MemoryFault { gpa, .. } if ctx.hotplug_ranges.iter().any(|r| r.contains(gpa)) => {
             // On a TDP host an access to a protected (unplugged) page cannot be emulated:
-            // report it and stop the VM, whatever the policy.
-            ctx.exit.request(VmExitReason::Violation {
-                gpa,
-                write: false,
+            // report it and stop the VM, whatever the policy. KVM's memory fault exit has
+            // no direction bit, so the access kind is unknown.
+            ctx.exit.request(VmEvent::Violation {
+                gpa: Some(gpa),
+                access: Access::Unknown,
                 vcpu: ctx.index,
             });
-            return Some(VmExitReason::Failed(format!(
-                "vCPU {} touched unplugged hotplug memory at {gpa:#x} (memory fault)",
-                ctx.index
-            )));
+            return Some(VmEvent::Failed(VmFailure::UnpluggedMemoryFault {
+                vcpu: ctx.index,
+                gpa,
+            }));
         }
         VcpuExit::MemoryFault { gpa, size, .. } => {
-            return Some(VmExitReason::Failed(format!(
-                "vCPU {} faulted on guest memory {gpa:#x}+{size:#x} with no host backing",
-                ctx.index
-            )));
+            return Some(VmEvent::Failed(VmFailure::UnbackedMemoryFault {
+                vcpu: ctx.index,
+                gpa,
+                size,
+            }));
         }
         other => {
             tracing::warn!("vCPU {}: unhandled exit {other:?}", ctx.index);

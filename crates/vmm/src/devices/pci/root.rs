@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use super::host_bridge::HostBridge;
 use super::PciDevice;
 use crate::devices::BusDevice;
-use crate::vstate::{ExitRequester, VmExitReason};
+use crate::vstate::{ExitRequester, VmEvent};
 
 const MAX_DEVICES: usize = 32;
 const CONFIG_ENABLE: u32 = 1 << 31;
@@ -152,7 +152,7 @@ impl BusDevice for PciConfigIo {
             self.address = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
         } else if offset == RESET_CONTROL_OFFSET && data.len() == 1 {
             if data[0] & RESET_CONTROL_RESET_CPU != 0 {
-                self.exit.request(VmExitReason::Reset);
+                self.exit.request(VmEvent::Reset);
             }
         } else if offset >= 4 && (offset - 4) as usize + data.len() <= 4 {
             if let Some((b, d, f, reg)) = self.target() {
@@ -221,7 +221,7 @@ impl BusDevice for PciConfigMmio {
 mod tests {
     use super::*;
 
-    fn config_io() -> (PciConfigIo, std::sync::mpsc::Receiver<VmExitReason>) {
+    fn config_io() -> (PciConfigIo, std::sync::mpsc::Receiver<VmEvent>) {
         let (exit, rx) = ExitRequester::for_test();
         (
             PciConfigIo::new(Arc::new(Mutex::new(PciRoot::default())), exit),
@@ -257,7 +257,7 @@ mod tests {
     fn port_cf9_resets() {
         let (mut io, rx) = config_io();
         io.write(1, &[0x06]);
-        assert_eq!(rx.try_recv().unwrap(), VmExitReason::Reset);
+        assert!(matches!(rx.try_recv().unwrap(), VmEvent::Reset));
     }
 
     #[test]

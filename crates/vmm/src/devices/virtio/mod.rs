@@ -21,9 +21,29 @@ pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Errors a device reports when the driver starts it.
 #[derive(Debug, thiserror::Error)]
 pub enum ActivateError {
-    /// The driver set up the queues wrongly.
-    #[error("virtio device cannot start: {0}")]
-    BadQueues(String),
+    /// The transport handed over a different number of queues than the device has.
+    #[error("{got} queues, the device has {want}")]
+    QueueCount {
+        /// Queues handed over.
+        got: usize,
+        /// Queues of the device.
+        want: usize,
+    },
+    /// A queue the device cannot work without was not enabled by the driver.
+    #[error("the {0} queue is not enabled")]
+    QueueNotEnabled(&'static str),
+    /// The transport could not build a queue from the driver's registers.
+    #[error("queue {index} is invalid")]
+    Queue {
+        /// The queue.
+        index: usize,
+        /// Why.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A queue's rings are not in memory the guest owns.
+    #[error("queue {0} is not in guest RAM")]
+    RingsOutsideRam(usize),
 }
 
 /// What a device must do after processing a queue or a host request.

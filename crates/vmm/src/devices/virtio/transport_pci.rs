@@ -19,7 +19,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::rings_accessible;
 use super::msix::{MsixTable, NO_VECTOR};
-use super::{Signal, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{ActivateError, Signal, VirtioDevice, VIRTIO_F_VERSION_1};
 use crate::devices::bus::Bus;
 use crate::devices::pci::config_space::{Bar64, PciConfigSpace, PciIdentity, BAR0_REG};
 use crate::devices::pci::PciDevice;
@@ -339,9 +339,9 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         match self.build_queues(guest_memory, memory) {
             Ok(queues) => match self.device.activate(queues) {
                 Ok(()) => self.activation = Activation::Active,
-                Err(e) => self.fail(&e.to_string()),
+                Err(e) => self.fail(&e),
             },
-            Err(reason) => self.fail(&reason),
+            Err(e) => self.fail(&e),
         }
     }
 
@@ -368,8 +368,12 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
     }
 
-    fn fail(&mut self, reason: &str) {
-        tracing::warn!("virtio device {} cannot start: {reason}", self.id);
+    fn fail(&mut self, reason: &ActivateError) {
+        tracing::warn!(
+            "virtio device {} cannot start: {}",
+            self.id,
+            crate::error_chain(reason)
+        );
         self.activation = Activation::Failed;
         self.status |= STATUS_FAILED;
     }
@@ -378,10 +382,11 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         &self,
         guest_memory: &GuestMemoryMmap,
         memory: &MemoryManager,
-    ) -> Result<Vec<Queue>, String> {
+    ) -> Result<Vec<Queue>, ActivateError> {
         let mut queues = Vec::new();
         for (index, regs) in self.queues.iter().enumerate() {
-            let mut queue = Queue::new(regs.max_size).map_err(|e| e.to_string())?;
+            let mut queue = Queue::new(regs.max_size)
+                .map_err(|source| ActivateError::Queue { index, source })?;
             if regs.enabled {
                 queue.set_size(regs.size);
                 queue
@@ -397,7 +402,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
                 queue.set_ready(true);
                 // The rings must lie in memory the guest owns: the VMM reads them.
                 if !queue.is_valid(guest_memory) || !rings_accessible(&queue, memory) {
-                    return Err(format!("queue {index} is not in guest RAM"));
+                    return Err(ActivateError::RingsOutsideRam(index));
                 }
             }
             queues.push(queue);

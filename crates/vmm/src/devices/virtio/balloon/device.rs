@@ -526,16 +526,16 @@ impl VirtioDevice for BalloonDevice {
 
     fn activate(&mut self, queues: Vec<Queue>) -> Result<(), ActivateError> {
         if queues.len() != QUEUE_SIZES.len() {
-            return Err(ActivateError::BadQueues(format!(
-                "{} queues, want {}",
-                queues.len(),
-                QUEUE_SIZES.len()
-            )));
+            return Err(ActivateError::QueueCount {
+                got: queues.len(),
+                want: QUEUE_SIZES.len(),
+            });
         }
-        if !queues[INFLATE_QUEUE].ready() || !queues[DEFLATE_QUEUE].ready() {
-            return Err(ActivateError::BadQueues(
-                "inflate and deflate queues must be enabled".into(),
-            ));
+        if !queues[INFLATE_QUEUE].ready() {
+            return Err(ActivateError::QueueNotEnabled("inflate"));
+        }
+        if !queues[DEFLATE_QUEUE].ready() {
+            return Err(ActivateError::QueueNotEnabled("deflate"));
         }
         let stats = self.negotiated(VIRTIO_BALLOON_F_STATS_VQ);
         let mut roles: [Option<Role>; 5] =

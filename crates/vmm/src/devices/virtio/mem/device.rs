@@ -3,6 +3,7 @@
 //! The device holds only the guest-visible sizes; which blocks are plugged is the memory
 //! manager's state (see `memory::hotplug`), consulted and changed through it.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use virtio_queue::Queue;
@@ -57,7 +58,7 @@ pub struct VirtioMemConfig {
 }
 
 /// What the host API sees of a device.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct VirtioMemStatus {
     /// Device name.
     pub id: String,
@@ -74,7 +75,7 @@ pub struct VirtioMemStatus {
     /// Part of the region the guest may currently use.
     pub usable_region_size: u64,
     /// Why the last BUSY answer was given, until the next successful plug or unplug.
-    pub last_busy_reason: Option<String>,
+    pub last_busy_reason: Option<Arc<PlugError>>,
 }
 
 /// Errors of the device's host API.
@@ -86,7 +87,7 @@ pub enum VirtioMemError {
         /// Device name.
         id: String,
         /// What is wrong.
-        reason: String,
+        reason: ConfigProblem,
     },
     /// A requested size the device cannot offer.
     #[error("requested size {requested:#x} must be a multiple of {block_size:#x} and at most {region_size:#x}")]
@@ -112,26 +113,51 @@ pub struct VirtioMem {
     plugged_size: u64,
     queue: Option<Queue>,
     metrics: VirtioMemMetrics,
-    last_busy_reason: Option<String>,
+    last_busy_reason: Option<Arc<PlugError>>,
 }
 
-fn validate(config: &VirtioMemConfig) -> Result<(), String> {
+/// What is wrong with a virtio-mem configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigProblem {
+    /// The block size cannot be used.
+    #[error("block size {0:#x} is not a power of two >= 4 KiB")]
+    BlockSize(u64),
+    /// The region is empty or not block aligned.
+    #[error("region {start:#x}+{size:#x} is not block aligned")]
+    Unaligned {
+        /// Start.
+        start: u64,
+        /// Size.
+        size: u64,
+    },
+    /// The region runs past the top of the address space.
+    #[error("region wraps")]
+    Wraps,
+    /// The node id does not fit the config field.
+    #[error("node id does not fit the 16-bit config field")]
+    NodeTooLarge,
+    /// The device names a hotplug region the memory manager does not have, or another one.
+    #[error("hotplug region {0:?} does not match")]
+    RegionMismatch(HotplugRegionId),
+}
+
+fn validate(config: &VirtioMemConfig) -> Result<(), ConfigProblem> {
     let bs = config.block_size;
     if !bs.is_power_of_two() || bs < 4096 {
-        return Err(format!("block size {bs:#x} is not a power of two >= 4 KiB"));
+        return Err(ConfigProblem::BlockSize(bs));
     }
     let r = config.region;
     if r.size == 0 || !r.start.is_multiple_of(bs) || !r.size.is_multiple_of(bs) {
-        return Err(format!(
-            "region {:#x}+{:#x} is not block aligned",
-            r.start, r.size
-        ));
+        return Err(ConfigProblem::Unaligned {
+            start: r.start,
+            size: r.size,
+        });
     }
     if r.start.checked_add(r.size).is_none() {
-        return Err("region wraps".into());
+        return Err(ConfigProblem::Wraps);
     }
     if config.node.is_some_and(|n| n > u32::from(u16::MAX)) {
-        return Err("node id does not fit the 16-bit config field".into());
+        return Err(ConfigProblem::NodeTooLarge);
     }
     Ok(())
 }
@@ -167,7 +193,7 @@ impl VirtioMem {
             }
             _ => Err(VirtioMemError::InvalidConfig {
                 id: self.config.id.clone(),
-                reason: format!("hotplug region {:?} does not match", self.config.hotplug),
+                reason: ConfigProblem::RegionMismatch(self.config.hotplug),
             }),
         }
     }
@@ -260,9 +286,9 @@ impl VirtioMem {
         (end <= start + self.usable_region_size).then_some(((addr - start) / bs, nb_blocks.into()))
     }
 
-    fn busy(&mut self, e: &PlugError) -> (ResponseType, u16) {
+    fn busy(&mut self, e: PlugError) -> (ResponseType, u16) {
         tracing::warn!("virtio-mem {}: answering BUSY: {e}", self.config.id);
-        self.last_busy_reason = Some(e.to_string());
+        self.last_busy_reason = Some(Arc::new(e));
         (ResponseType::Busy, 0)
     }
 
@@ -284,7 +310,7 @@ impl VirtioMem {
         match memory.block_state(id, first, count) {
             Ok(BlockRangeState::Unplugged) => {}
             Ok(_) => return (ResponseType::Error, 0),
-            Err(e) => return self.busy(&e),
+            Err(e) => return self.busy(e),
         }
         let started = Instant::now();
         let result = memory.plug(id, first, count);
@@ -296,7 +322,7 @@ impl VirtioMem {
                 self.last_busy_reason = None;
                 (ResponseType::Ack, 0)
             }
-            Err(e) => self.busy(&e),
+            Err(e) => self.busy(e),
         }
     }
 
@@ -308,7 +334,7 @@ impl VirtioMem {
         match memory.block_state(id, first, count) {
             Ok(BlockRangeState::Plugged) => {}
             Ok(_) => return (ResponseType::Error, 0),
-            Err(e) => return self.busy(&e),
+            Err(e) => return self.busy(e),
         }
         let started = Instant::now();
         let result = memory.unplug(id, first, count);
@@ -321,7 +347,7 @@ impl VirtioMem {
                 self.last_busy_reason = None;
                 (ResponseType::Ack, 0)
             }
-            Err(e) => self.busy(&e),
+            Err(e) => self.busy(e),
         }
     }
 
@@ -340,7 +366,7 @@ impl VirtioMem {
                 self.last_busy_reason = None;
                 (ResponseType::Ack, 0)
             }
-            Err(e) => self.busy(&e),
+            Err(e) => self.busy(e),
         }
     }
 
@@ -488,9 +514,13 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn activate(&mut self, queues: Vec<Queue>) -> Result<(), ActivateError> {
-        let [queue]: [Queue; 1] = queues.try_into().map_err(|q: Vec<Queue>| {
-            ActivateError::BadQueues(format!("{} queues, want 1", q.len()))
-        })?;
+        let [queue]: [Queue; 1] =
+            queues
+                .try_into()
+                .map_err(|q: Vec<Queue>| ActivateError::QueueCount {
+                    got: q.len(),
+                    want: 1,
+                })?;
         self.queue = Some(queue);
         Ok(())
     }
