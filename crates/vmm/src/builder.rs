@@ -16,7 +16,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::{cpuid, regs};
 use crate::boot;
 use crate::config::VmConfig;
-use crate::config::{DimmConfig, HotplugBacking, VirtioMemDeviceConfig};
+use crate::config::{DimmConfig, VirtioMemDeviceConfig};
 use crate::console::Console;
 use crate::devices::ged::GedDevice;
 use crate::devices::legacy::{I8042Reset, I8042_PORT, I8042_PORT_LEN};
@@ -31,7 +31,7 @@ use crate::devices::virtio::transport_pci::{
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
-use crate::memory::{Backing, DimmMemoryError, HotplugRegionId, MemoryManager};
+use crate::memory::{DimmMemoryError, HotplugRegionId, MemoryManager};
 use crate::memory_service::{MemoryDevices, MemoryService, MemorySettings};
 use crate::vstate::interrupts::MsiRouting;
 use crate::vstate::vcpu::{VcpuContext, VcpuThread};
@@ -173,15 +173,6 @@ impl DimmHotplug {
     }
 }
 
-/// The host backing of a hotplug region configured as `backing`.
-pub fn host_backing(backing: HotplugBacking) -> Backing {
-    match backing {
-        HotplugBacking::Anonymous => Backing::Anonymous,
-        HotplugBacking::Memfd => Backing::Memfd,
-        HotplugBacking::Hugetlbfs => Backing::Hugetlbfs { page_size: 2 << 20 },
-    }
-}
-
 /// Where DIMMs go: after the virtio-mem regions, on a 1 GiB boundary, as large as maxmem
 /// allows; `None` without slots.
 pub fn dimm_area(config: &VmConfig, layout: &GuestLayout) -> Option<GuestRange> {
@@ -238,7 +229,7 @@ fn attach_dimms(
             size: *size,
         };
         let region = memory
-            .add_dimm(vm_fd, range, host_backing(*backing), *prealloc)
+            .add_dimm(vm_fd, range, *backing, *prealloc)
             .map_err(|source| BuildError::Dimm {
                 id: id.clone(),
                 source,
@@ -506,7 +497,7 @@ fn attach_virtio_mem(
 ) -> Result<Vec<Arc<Mutex<VirtioPciDevice<VirtioMem>>>>, BuildError> {
     let mut attached = Vec::new();
     for (config, region) in devices.iter().zip(virtio_mem_regions(devices, layout)) {
-        let backing = host_backing(config.backing);
+        let backing = config.backing;
         let hotplug = memory.add_hotplug_region(
             vm_fd,
             region,

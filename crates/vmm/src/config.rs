@@ -1,5 +1,6 @@
 //! A VM's configuration, validated before anything is created.
 
+use crate::memory::Backing;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -178,7 +179,7 @@ pub struct DimmConfig {
     /// NUMA node.
     pub node: u32,
     /// Host backing.
-    pub backing: HotplugBacking,
+    pub backing: Backing,
     /// Populate before the guest sees it.
     pub prealloc: bool,
 }
@@ -203,16 +204,8 @@ pub fn parse_size(text: &str) -> Result<u64, ConfigError> {
     number.checked_mul(1 << shift).ok_or_else(invalid)
 }
 
-/// How virtio-mem memory is backed on the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HotplugBacking {
-    /// Private anonymous memory.
-    Anonymous,
-    /// A shared memfd.
-    Memfd,
-    /// 2 MiB hugetlbfs pages.
-    Hugetlbfs,
-}
+/// The huge page size `backing=hugetlbfs` means.
+pub const HUGETLBFS_PAGE_SIZE: u64 = 2 << 20;
 
 /// One virtio-mem device: `id=mem0,size=16G[,node=0][,block-size=2M][,requested=0]
 /// [,backing=anon|memfd|hugetlbfs][,prealloc=on|off]`.
@@ -229,7 +222,7 @@ pub struct VirtioMemDeviceConfig {
     /// Plugged size asked of the guest (changes at run time through the API).
     pub requested: u64,
     /// Host backing.
-    pub backing: HotplugBacking,
+    pub backing: Backing,
     /// Populate blocks when they are plugged (answer BUSY if the host cannot).
     pub prealloc: bool,
 }
@@ -251,7 +244,7 @@ impl VirtioMemDeviceConfig {
             node: None,
             block_size: DEFAULT_VIRTIO_MEM_BLOCK,
             requested: 0,
-            backing: HotplugBacking::Anonymous,
+            backing: Backing::Anonymous,
             prealloc: false,
         };
         for item in value.split(',') {
@@ -271,9 +264,11 @@ impl VirtioMemDeviceConfig {
                 "requested" => config.requested = parse_size(val)?,
                 "backing" => {
                     config.backing = match val {
-                        "anon" | "anonymous" => HotplugBacking::Anonymous,
-                        "memfd" => HotplugBacking::Memfd,
-                        "hugetlbfs" => HotplugBacking::Hugetlbfs,
+                        "anon" | "anonymous" => Backing::Anonymous,
+                        "memfd" => Backing::Memfd,
+                        "hugetlbfs" => Backing::Hugetlbfs {
+                            page_size: HUGETLBFS_PAGE_SIZE,
+                        },
                         _ => {
                             return Err(invalid(format!(
                                 "unknown backing '{val}' (anon, memfd, hugetlbfs)"
@@ -779,7 +774,7 @@ mod tests {
         assert_eq!(d.size, 16 << 30);
         assert_eq!(d.node, Some(1));
         assert_eq!(d.requested, 4 << 30);
-        assert_eq!(d.backing, HotplugBacking::Memfd);
+        assert_eq!(d.backing, Backing::Memfd);
         assert!(d.prealloc);
         assert_eq!(d.block_size, 2 << 20);
         for bad in [

@@ -11,7 +11,7 @@
 use super::bitmap::BlockBitmap;
 use std::sync::Arc;
 
-use super::discard::HostMapping;
+use super::mapping::HostMapping;
 
 /// Granularity of the KVM slots over a hotplug region: Linux's memory block on x86-64.
 const SLOT_CHUNK: u64 = 128 << 20;

@@ -7,11 +7,11 @@
 #![allow(clippy::disallowed_methods)]
 
 mod backing;
-mod balloon;
 mod bitmap;
 mod dimm;
 mod discard;
 mod hotplug;
+mod mapping;
 #[cfg(test)]
 mod tests_hotplug;
 mod usage;
@@ -26,8 +26,8 @@ use vm_memory::{
 
 use crate::arch::x86_64::layout::{GuestLayout, GuestRange};
 pub use backing::host_memory_bytes;
-pub use balloon::{DiscardError, DiscardOutcome, DISCARD_GRANULE};
 pub use dimm::DimmMemoryError;
+pub use discard::{DiscardError, DiscardOutcome, DISCARD_GRANULE};
 pub use hotplug::{
     Backing, BlockRangeState, HotplugRegionId, HotplugRegionInfo, PlugError, UnpluggedAccess,
 };

@@ -4,9 +4,9 @@
 
 use super::{MemoryRequestError, MemoryService};
 use crate::arch::x86_64::layout::GuestRange;
-use crate::builder::host_backing;
-use crate::config::{format_size, DimmConfig, HotplugBacking, DIMM_ALIGN};
+use crate::config::{format_size, DimmConfig, DIMM_ALIGN};
 use crate::devices::memory_hotplug::{DimmSlot, SlotState};
+use crate::memory::Backing;
 
 /// Where a DIMM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,7 +42,7 @@ pub struct DimmStatus {
     /// NUMA node.
     pub node: u32,
     /// Host backing.
-    pub backing: HotplugBacking,
+    pub backing: Backing,
     /// Populated when added.
     pub prealloc: bool,
     /// Where it is in its life.
@@ -80,7 +80,7 @@ pub struct DimmRequest {
     /// Id (`dimm<slot>` if not given).
     pub id: Option<String>,
     /// Host backing.
-    pub backing: HotplugBacking,
+    pub backing: Backing,
     /// Populate it when added.
     pub prealloc: bool,
 }
@@ -183,12 +183,7 @@ impl MemoryService {
         let range = GuestRange { start, size };
         let region = self
             .manager
-            .add_dimm(
-                &self.vm_fd,
-                range,
-                host_backing(request.backing),
-                request.prealloc,
-            )
+            .add_dimm(&self.vm_fd, range, request.backing, request.prealloc)
             .map_err(|source| MemoryRequestError::HostMemory { size, source })?;
         dimms.regions.insert(slot, region);
         dimms.controller().insert(slot, range, node, false);

@@ -8,7 +8,8 @@ use tidevm_api::{
 };
 
 use crate::arch::x86_64::layout::GuestRange;
-use crate::config::HotplugBacking;
+use crate::config::HUGETLBFS_PAGE_SIZE;
+use crate::memory::Backing;
 use crate::memory::ResidentSplit;
 use crate::memory_service::{
     DimmRequest, DimmState, DimmStatus, DimmsStatus, MemoryRequestError, MemoryService,
@@ -52,19 +53,21 @@ fn host_rss(split: ResidentSplit) -> HostRss {
     }
 }
 
-fn backing_of(api: DimmBacking) -> HotplugBacking {
+fn backing_of(api: DimmBacking) -> Backing {
     match api {
-        DimmBacking::Anon => HotplugBacking::Anonymous,
-        DimmBacking::Memfd => HotplugBacking::Memfd,
-        DimmBacking::Hugetlbfs => HotplugBacking::Hugetlbfs,
+        DimmBacking::Anon => Backing::Anonymous,
+        DimmBacking::Memfd => Backing::Memfd,
+        DimmBacking::Hugetlbfs => Backing::Hugetlbfs {
+            page_size: HUGETLBFS_PAGE_SIZE,
+        },
     }
 }
 
-fn backing_to_api(backing: HotplugBacking) -> DimmBacking {
+fn backing_to_api(backing: Backing) -> DimmBacking {
     match backing {
-        HotplugBacking::Anonymous => DimmBacking::Anon,
-        HotplugBacking::Memfd => DimmBacking::Memfd,
-        HotplugBacking::Hugetlbfs => DimmBacking::Hugetlbfs,
+        Backing::Anonymous => DimmBacking::Anon,
+        Backing::Memfd => DimmBacking::Memfd,
+        Backing::Hugetlbfs { .. } => DimmBacking::Hugetlbfs,
     }
 }
 
