@@ -46,6 +46,17 @@ pub enum ActivateError {
     RingsOutsideRam(usize),
 }
 
+/// Copies the bytes of `config` at `offset` into `data`, the way every device's configuration
+/// space reads: bytes past its end (or at an offset the guest made absurd) read as zero.
+pub fn read_config_space(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        let at = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok());
+        *byte = at.and_then(|o| config.get(o).copied()).unwrap_or(0);
+    }
+}
+
 /// What a device must do after processing a queue or a host request.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Signal {

@@ -25,7 +25,9 @@ use super::request::{
 use super::reuse::{self, ReusePolicy, ReuseScan};
 use super::stats::{parse_stats, ReceivedStats, StatsSnapshot, ENTRY_SIZE, MAX_ENTRIES};
 use crate::arch::x86_64::layout::GuestRange;
-use crate::devices::virtio::{ActivateError, Signal, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, Signal, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::memory::{DiscardOutcome, MemoryManager};
 
 /// Virtio device ID of the traditional balloon.
@@ -493,13 +495,7 @@ impl VirtioDevice for BalloonDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| config.get(o).copied()).unwrap_or(0);
-        }
+        read_config_space(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

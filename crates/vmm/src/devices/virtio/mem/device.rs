@@ -15,7 +15,9 @@ use crate::arch::x86_64::layout::GuestRange;
 use crate::devices::virtio::chain::{
     overlaps, ring_ranges, run_pass, write_buffer, Completion, DescriptorTable, PASS_BUDGET,
 };
-use crate::devices::virtio::{ActivateError, Signal, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    read_config_space, ActivateError, Signal, VirtioDevice, VIRTIO_F_VERSION_1,
+};
 use crate::memory::{BlockRangeState, HotplugRegionId, MemoryManager, PlugError};
 
 /// Virtio device ID of virtio-mem.
@@ -496,13 +498,7 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| config.get(o).copied()).unwrap_or(0);
-        }
+        read_config_space(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
