@@ -9,9 +9,9 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::numa::{split_boot_ram, NumaNode};
 use crate::acpi::{self, AcpiConfig, DsdtConfig};
 use crate::arch::x86_64::layout::{
-    align_up, GuestLayout, GuestRange, ACPI_PM_PORT, GED_GSI, GED_MMIO_SIZE, GED_MMIO_START,
-    HOTPLUG_AREA_ALIGN, PCI_CONFIG_PORT, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE,
-    PCI_MMIO32_START, PLATFORM_MMIO_START, SERIAL_GSI, SERIAL_PORT,
+    GuestLayout, GuestRange, ACPI_PM_PORT, GED_GSI, GED_MMIO_SIZE, GED_MMIO_START, PCI_CONFIG_PORT,
+    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_SIZE, PCI_MMIO32_START, PLATFORM_MMIO_START,
+    SERIAL_GSI, SERIAL_PORT,
 };
 use crate::arch::x86_64::{cpuid, regs};
 use crate::boot;
@@ -31,6 +31,7 @@ use crate::devices::virtio::transport_pci::{
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
+use crate::memory::placement::{plan_hotplug_area, HotplugPlan};
 use crate::memory::{DimmMemoryError, HotplugRegionId, MemoryManager};
 use crate::memory_service::{MemoryDevices, MemoryService, MemorySettings};
 use crate::vstate::interrupts::MsiRouting;
@@ -173,21 +174,24 @@ impl DimmHotplug {
     }
 }
 
-/// Where DIMMs go: after the virtio-mem regions, on a 1 GiB boundary, as large as maxmem
-/// allows; `None` without slots.
+/// Where DIMMs go: after the virtio-mem regions, as large as maxmem allows; `None` without
+/// slots.
 pub fn dimm_area(config: &VmConfig, layout: &GuestLayout) -> Option<GuestRange> {
     if config.memory.slots == 0 {
         return None;
     }
-    let after_virtio_mem = virtio_mem_regions(&config.virtio_mem, layout)
-        .last()
-        .map_or(layout.hotplug_area.start, |r| {
-            align_up(r.end(), HOTPLUG_AREA_ALIGN)
-        });
-    Some(GuestRange {
-        start: after_virtio_mem,
-        size: config.memory.dimm_budget(),
-    })
+    hotplug_plan(config, layout).dimm_area
+}
+
+/// The hotplug area divided among the virtio-mem devices and the DIMM area.
+fn hotplug_plan(config: &VmConfig, layout: &GuestLayout) -> HotplugPlan {
+    let sizes: Vec<u64> = config.virtio_mem.iter().map(|d| d.size).collect();
+    let budget = if config.memory.slots == 0 {
+        0
+    } else {
+        config.memory.dimm_budget()
+    };
+    plan_hotplug_area(layout.hotplug_area.start, &sizes, budget)
 }
 
 /// Maps the DIMMs of `config` again (after a reboot) and shows them to the guest as present
@@ -433,25 +437,13 @@ fn numa_nodes(config: &VmConfig, layout: &GuestLayout) -> Vec<NumaNode> {
         .collect()
 }
 
-/// Where each virtio-mem region goes: one after the other in the hotplug area, each starting
-/// on a 1 GiB boundary (Linux wants whole 128 MiB memory blocks; 1 GiB also suits gigantic
-/// pages).
+/// Where each virtio-mem region goes (see [`plan_hotplug_area`]).
 pub fn virtio_mem_regions(
     devices: &[VirtioMemDeviceConfig],
     layout: &GuestLayout,
 ) -> Vec<GuestRange> {
-    let mut next = layout.hotplug_area.start;
-    devices
-        .iter()
-        .map(|d| {
-            let range = GuestRange {
-                start: next,
-                size: d.size,
-            };
-            next = align_up(range.end(), HOTPLUG_AREA_ALIGN);
-            range
-        })
-        .collect()
+    let sizes: Vec<u64> = devices.iter().map(|d| d.size).collect();
+    plan_hotplug_area(layout.hotplug_area.start, &sizes, 0).virtio_mem
 }
 
 /// What putting a virtio device on PCI takes: BAR space, MSI routes, the MMIO bus, bus 0.

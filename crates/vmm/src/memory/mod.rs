@@ -12,6 +12,7 @@ mod dimm;
 mod discard;
 mod hotplug;
 mod mapping;
+pub mod placement;
 #[cfg(test)]
 mod tests_hotplug;
 mod usage;

@@ -6,6 +6,7 @@ use super::{MemoryRequestError, MemoryService};
 use crate::arch::x86_64::layout::GuestRange;
 use crate::config::{format_size, DimmConfig, DIMM_ALIGN};
 use crate::devices::memory_hotplug::{DimmSlot, SlotState};
+use crate::memory::placement::place_dimm;
 use crate::memory::Backing;
 
 /// Where a DIMM is in its life.
@@ -83,20 +84,6 @@ pub struct DimmRequest {
     pub backing: Backing,
     /// Populate it when added.
     pub prealloc: bool,
-}
-
-/// The lowest 128 MiB-aligned start in `area` where `size` bytes fit between `used` ranges.
-pub(super) fn find_room(area: GuestRange, used: &[GuestRange], size: u64) -> Option<u64> {
-    let mut used: Vec<GuestRange> = used.to_vec();
-    used.sort_by_key(|r| r.start);
-    let mut candidate = area.start;
-    for range in used {
-        if candidate.checked_add(size)? <= range.start {
-            break;
-        }
-        candidate = candidate.max(range.end().next_multiple_of(DIMM_ALIGN));
-    }
-    (candidate.checked_add(size)? <= area.end()).then_some(candidate)
 }
 
 /// Whether a DIMM of `size` bytes fits under `maxmem` next to `boot` bytes of boot RAM and
@@ -179,7 +166,7 @@ impl MemoryService {
                 size: d.size,
             })
             .collect();
-        let start = find_room(dimms.area, &used, size).ok_or(MemoryRequestError::NoRoom(size))?;
+        let start = place_dimm(dimms.area, &used, size).ok_or(MemoryRequestError::NoRoom(size))?;
         let range = GuestRange { start, size };
         let region = self
             .manager
@@ -301,10 +288,6 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    fn range(start: u64, size: u64) -> GuestRange {
-        GuestRange { start, size }
-    }
-
     #[test]
     fn dimm_sizes_near_2_pow_64_are_rejected_not_wrapped() {
         const GIB: u64 = 1 << 30;
@@ -329,30 +312,5 @@ mod tests {
             );
             assert!(error.to_string().contains("maxmem"), "{error}");
         }
-    }
-
-    #[test]
-    fn dimms_go_in_the_first_gap_that_fits() {
-        let area = range(1 << 32, 1024 * MIB);
-        assert_eq!(find_room(area, &[], 256 * MIB), Some(1 << 32));
-        let used = [
-            range((1 << 32) + 256 * MIB, 128 * MIB),
-            range(1 << 32, 128 * MIB),
-        ];
-        // 128 MiB gap at +128 MiB fits a 128 MiB DIMM but not a 256 MiB one.
-        assert_eq!(
-            find_room(area, &used, 128 * MIB),
-            Some((1 << 32) + 128 * MIB)
-        );
-        assert_eq!(
-            find_room(area, &used, 256 * MIB),
-            Some((1 << 32) + 384 * MIB)
-        );
-        assert_eq!(
-            find_room(area, &used, 640 * MIB),
-            Some((1 << 32) + 384 * MIB)
-        );
-        assert_eq!(find_room(area, &used, 768 * MIB), None);
-        assert_eq!(find_room(area, &[], u64::MAX), None, "no wrap");
     }
 }
