@@ -15,6 +15,7 @@ pub mod builder;
 pub mod config;
 pub mod console;
 pub mod devices;
+pub mod logging;
 pub mod memory;
 pub mod memory_service;
 pub mod vmm;

@@ -309,11 +309,16 @@ impl Vmm {
                         vm.memory.dimm_ejected(slot);
                     }
                 }
-                VmEvent::Violation { gpa, access, vcpu } => {
+                VmEvent::Violation {
+                    gpa,
+                    access,
+                    vcpu,
+                    unreported,
+                } => {
                     let outcome = self
                         .vm
                         .as_mut()
-                        .map(|vm| vm.memory.record_violation(gpa, access, vcpu));
+                        .map(|vm| vm.memory.record_violation(gpa, access, vcpu, unreported));
                     if outcome == Some(ViolationOutcome::Stop) {
                         self.stop_vm();
                         return Err(VmFailure::Violation { gpa }.into());

@@ -166,7 +166,9 @@ fn access_is_reported(unplugged_block: u64) {
     // An MMIO exit carries the exact address, a memory fault its 4 KiB page; either way the
     // report comes first and names the page the guest touched.
     match events.first() {
-        Some(&VmEvent::Violation { gpa, access, vcpu }) => {
+        Some(&VmEvent::Violation {
+            gpa, access, vcpu, ..
+        }) => {
             let gpa = gpa.expect("an MMIO exit or a memory fault names the address");
             assert_eq!(gpa & !0xfff, unplugged & !0xfff, "events: {events:?}");
             // A read: an MMIO exit says so; a memory fault cannot tell.

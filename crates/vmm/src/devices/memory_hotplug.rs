@@ -271,7 +271,7 @@ impl MemoryHotplugController {
                 // The guest gave up: the DIMM stays, fully usable.
                 slot.state = SlotState::Active;
                 slot.remove_pending = false;
-                tracing::warn!(
+                crate::guest_warn!(
                     "the guest refused to eject DIMM slot {selected}: {}",
                     report.meaning()
                 );

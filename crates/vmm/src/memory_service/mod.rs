@@ -310,19 +310,21 @@ impl MemoryService {
         }
     }
 
-    /// Records a guest access to memory it does not own (kept for the API and logged).
+    /// Records a guest access to memory it does not own (kept for the API and logged), and
+    /// `unreported` earlier ones the vCPU only counted.
     pub fn record_violation(
         &mut self,
         gpa: Option<u64>,
         access: Access,
         vcpu: u8,
+        unreported: u64,
     ) -> ViolationOutcome {
         let device = gpa.and_then(|gpa| {
             self.virtio_mem_statuses()
                 .into_iter()
                 .find_map(|(s, _)| s.region.contains(gpa).then_some(s.id))
         });
-        tracing::warn!(
+        crate::guest_warn!(
             "guest vCPU {vcpu} {} unplugged memory it does not own at {} (device {})",
             match access {
                 Access::Read => "read",
@@ -336,7 +338,7 @@ impl MemoryService {
             device.as_deref().unwrap_or("?")
         );
         let log = &mut self.settings.violations;
-        log.count += 1;
+        log.count += 1 + unreported;
         if log.recent.len() == MAX_VIOLATIONS_KEPT {
             log.recent.remove(0);
         }

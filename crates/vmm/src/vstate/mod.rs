@@ -25,6 +25,9 @@ pub enum VmEvent {
         access: Access,
         /// The vCPU.
         vcpu: u8,
+        /// Earlier violations not sent on their own: a guest touching unplugged memory in a
+        /// loop is reported at a bounded rate, and the rest only counted here.
+        unreported: u64,
     },
     /// The guest ejected the DIMM in `slot` (its `_EJ0`); the control loop takes the DIMM's
     /// memory away.

@@ -12,6 +12,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use super::{Access, ExitRequester, VmEvent, VmFailure};
 use crate::arch::x86_64::layout::GuestRange;
 use crate::devices::Bus;
+use crate::logging::RateLimit;
 
 /// The signal that knocks a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
@@ -91,6 +92,7 @@ fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
                     gpa: None,
                     access: Access::Unknown,
                     vcpu: ctx.index,
+                    unreported: 0,
                 });
                 Some(VmEvent::Failed(VmFailure::UnbackedAccess {
                     vcpu: ctx.index,
@@ -112,10 +114,16 @@ fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
 /// unplugged (protected) block: under shadow paging KVM hands the access to us as MMIO.
 fn report_unclaimed(ctx: &VcpuContext, addr: u64, write: bool) {
     if ctx.hotplug_ranges.iter().any(|r| r.contains(addr)) {
+        // Bounded: the guest can loop on this. What is not sent is counted in the next event.
+        static EVENTS: RateLimit = RateLimit::new();
+        let Some(unreported) = EVENTS.allow() else {
+            return;
+        };
         ctx.exit.request(VmEvent::Violation {
             gpa: Some(addr),
             access: if write { Access::Write } else { Access::Read },
             vcpu: ctx.index,
+            unreported,
         });
     } else {
         tracing::debug!(
@@ -183,6 +191,7 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmEvent> {
                 gpa: Some(gpa),
                 access: Access::Unknown,
                 vcpu: ctx.index,
+                unreported: 0,
             });
             return Some(VmEvent::Failed(VmFailure::UnpluggedMemoryFault {
                 vcpu: ctx.index,
@@ -197,7 +206,7 @@ fn handle_exit(exit: VcpuExit, ctx: &VcpuContext) -> Option<VmEvent> {
             }));
         }
         other => {
-            tracing::warn!("vCPU {}: unhandled exit {other:?}", ctx.index);
+            crate::guest_warn!("vCPU {}: unhandled exit {other:?}", ctx.index);
         }
     }
     None

@@ -282,6 +282,23 @@ where
     A: GuestAccess,
 {
     let mut pass = Pass::default();
+    if !rings_accessible(queue, access) {
+        pass.rings_lost = true;
+        return pass;
+    }
+    // The driver's available index may run at most a queue ahead of the device's; anything
+    // else is a broken (or hostile) driver. Checked here, once, because virtio-queue would
+    // log an error on every pop of such a queue: a log line per guest notification.
+    let ahead = queue
+        .avail_idx(mem, Ordering::Acquire)
+        .map(|idx| (idx - Wrapping(queue.next_avail())).0);
+    match ahead {
+        Ok(ahead) if ahead <= queue.size() => {}
+        _ => {
+            pass.rings_lost = true;
+            return pass;
+        }
+    }
     for _ in 0..budget {
         if !rings_accessible(queue, access) {
             pass.rings_lost = true;

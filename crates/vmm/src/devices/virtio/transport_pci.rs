@@ -369,7 +369,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
     }
 
     fn fail(&mut self, reason: &ActivateError) {
-        tracing::warn!(
+        crate::guest_warn!(
             "virtio device {} cannot start: {}",
             self.id,
             crate::error_chain(reason)
@@ -420,7 +420,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             }
         }
         if signal.needs_reset && self.status & STATUS_DEVICE_NEEDS_RESET == 0 {
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio device {}: queue {index} is unusable, asking the driver to reset",
                 self.id
             );
@@ -606,7 +606,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         // The MMIO bus entry first: if the guest put the BAR over another device, nothing
         // moves (the guest's next accesses at the new address find no device).
         if let Err(e) = self.mmio_bus.relocate(self.bar_addr, new_addr) {
-            tracing::warn!("{}: BAR0 cannot move to {new_addr:#x}: {e}", self.id);
+            crate::guest_warn!("{}: BAR0 cannot move to {new_addr:#x}: {e}", self.id);
             return;
         }
         if self.register_ioevents(false).is_err() {

@@ -210,7 +210,7 @@ impl BalloonDevice {
         self.metrics.pages_pruned += scan.pruned_pages;
         if scan.reused_pages > self.last_scan.reused_pages || uncount && scan.reused_pages > 0 {
             self.metrics.reuse_detections += 1;
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-balloon: the guest touched {} inflated pages without deflating them, \
                  first at {:?}",
                 scan.reused_pages,
@@ -337,7 +337,7 @@ impl BalloonDevice {
 
     fn malformed(&mut self, what: &str, e: &RequestError) {
         self.metrics.malformed += 1;
-        tracing::warn!("virtio-balloon: malformed {what} request: {e}");
+        crate::guest_warn!("virtio-balloon: malformed {what} request: {e}");
     }
 
     fn inflate(
@@ -367,7 +367,7 @@ impl BalloonDevice {
         }
         if bad > 0 {
             self.metrics.bad_pfns += bad;
-            tracing::warn!("virtio-balloon: guest inflated {bad} pages outside its memory");
+            crate::guest_warn!("virtio-balloon: guest inflated {bad} pages outside its memory");
         }
         for r in accepted {
             let pages = r.size / BALLOON_PAGE_SIZE;
@@ -419,7 +419,7 @@ impl BalloonDevice {
         self.metrics.reported_bytes += outcome.bytes_discarded;
         if outcome.ranges_rejected > 0 {
             self.metrics.reporting_rejected_ranges += outcome.ranges_rejected;
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-balloon: guest reported {} free ranges outside its memory, first {:?}",
                 outcome.ranges_rejected,
                 outcome.rejected.first()
@@ -508,7 +508,7 @@ impl VirtioDevice for BalloonDevice {
                     actual[(at - 4) as usize] = *byte;
                     touched = true;
                 }
-                _ => tracing::warn!(
+                _ => crate::guest_warn!(
                     "virtio-balloon: driver wrote read-only config byte at {:#x}",
                     offset.saturating_add(i as u64)
                 ),
@@ -611,7 +611,7 @@ impl VirtioDevice for BalloonDevice {
         }
         if pass.rings_lost {
             self.metrics.bad_rings += 1;
-            tracing::warn!("virtio-balloon: queue {index} rings are not in accessible memory");
+            crate::guest_warn!("virtio-balloon: queue {index} rings are not in accessible memory");
         }
         if let Some(slot) = self.queues.get_mut(index) {
             *slot = Some((role, queue));

@@ -289,7 +289,7 @@ impl VirtioMem {
     }
 
     fn busy(&mut self, e: PlugError) -> (ResponseType, u16) {
-        tracing::warn!("virtio-mem {}: answering BUSY: {e}", self.config.id);
+        crate::guest_warn!("virtio-mem {}: answering BUSY: {e}", self.config.id);
         self.last_busy_reason = Some(Arc::new(e));
         (ResponseType::Busy, 0)
     }
@@ -395,7 +395,7 @@ impl VirtioMem {
         };
         self.metrics.record(request.kind(), answer.0);
         if answer.0 == ResponseType::Error {
-            tracing::warn!("virtio-mem {}: ERROR for {request:?}", self.config.id);
+            crate::guest_warn!("virtio-mem {}: ERROR for {request:?}", self.config.id);
         }
         answer
     }
@@ -440,7 +440,7 @@ impl VirtioMem {
                     // the device writes them. The spec's answer to an invalid request.
                     self.metrics.self_closing += 1;
                     self.metrics.record(request.kind(), ResponseType::Error);
-                    tracing::warn!(
+                    crate::guest_warn!(
                         "virtio-mem {}: ERROR for {request:?}: it would unplug the memory \
                          holding its own response or the queue",
                         self.config.id
@@ -452,7 +452,7 @@ impl VirtioMem {
             }
             Err(e) => {
                 self.metrics.malformed += 1;
-                tracing::warn!("virtio-mem {}: malformed request: {e}", self.config.id);
+                crate::guest_warn!("virtio-mem {}: malformed request: {e}", self.config.id);
                 (ResponseType::Error, 0)
             }
         };
@@ -502,7 +502,7 @@ impl VirtioDevice for VirtioMem {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        tracing::warn!(
+        crate::guest_warn!(
             "virtio-mem {}: driver wrote {} bytes of read-only config at {offset:#x}",
             self.config.id,
             data.len()
@@ -552,7 +552,7 @@ impl VirtioDevice for VirtioMem {
         );
         if pass.rings_lost {
             self.metrics.bad_rings += 1;
-            tracing::warn!(
+            crate::guest_warn!(
                 "virtio-mem {}: queue rings are not in accessible memory",
                 self.config.id
             );

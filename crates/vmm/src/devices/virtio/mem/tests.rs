@@ -727,3 +727,16 @@ fn one_pass_is_bounded_by_its_budget() {
         s.dev.metrics()
     );
 }
+
+/// A driver whose available index runs more than a queue ahead is broken: the queue is
+/// given up (the driver is asked to reset) instead of logging an error per notification.
+#[test]
+fn an_available_index_beyond_the_queue_asks_for_a_reset() {
+    let mut s = setup(64 * MIB);
+    let mem = s.mem.clone();
+    let drv = Driver::start(&mut s, &mem);
+    drv.mock.avail().idx().store(QUEUE_SIZE + 1);
+    let signal = s.dev.process_queue(0, &mem, &mut s.mm);
+    assert!(signal.needs_reset && !signal.queue, "{signal:?}");
+    assert_eq!(drv.mock.used().idx().load(), 0, "nothing popped");
+}
