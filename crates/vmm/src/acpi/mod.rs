@@ -1,4 +1,5 @@
-//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT, MCFG, DSDT.
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT, MCFG, DSDT, and with NUMA nodes or
+//! DIMM slots the SRAT and SLIT.
 //!
 //! They are written into the legacy BIOS area, which Linux keeps reserved, and the RSDP's
 //! address goes to the kernel through PVH's `rsdp_paddr`.

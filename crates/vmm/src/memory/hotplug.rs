@@ -610,8 +610,9 @@ impl MemoryManager {
         true
     }
 
-    /// If `gpa` lies in a hotplug region but not in a plugged block, says where: the vCPU
-    /// loop uses it to report a guest touching memory it does not own.
+    /// If `gpa` lies in a hotplug region but not in a plugged block, says where (the vCPU
+    /// loop decides by `hotplug_ranges` alone, which needs no lock on the manager; tests use
+    /// this to check the state behind a report).
     pub fn find_unplugged_access(&self, gpa: u64) -> Option<UnpluggedAccess> {
         self.hotplug.iter().enumerate().find_map(|(i, region)| {
             let region = region.as_ref()?;

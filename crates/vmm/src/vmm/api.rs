@@ -1,5 +1,7 @@
 //! The API edge: API requests to memory-service calls, domain states to API types, and typed
-//! errors to HTTP status codes. The only place in the VMM that knows about status codes.
+//! errors to HTTP status codes. The memory service and the devices know nothing of HTTP; the
+//! only other statuses are `ApiBridge`'s own (504 when the control loop did not answer in
+//! time, 500 when it dropped the request).
 
 use tidevm_api::{
     AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats, DimmBacking,

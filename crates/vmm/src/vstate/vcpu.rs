@@ -111,7 +111,8 @@ fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
 }
 
 /// An MMIO exit no device claimed. Inside a hotplug region it means the guest touched an
-/// unplugged (protected) block: under shadow paging KVM hands the access to us as MMIO.
+/// unplugged block: an address in no KVM slot (a whole unplugged 128 MiB chunk) is an MMIO
+/// exit under any paging mode, and under shadow paging a PROT_NONE page inside a slot is too.
 fn report_unclaimed(ctx: &VcpuContext, addr: u64, write: bool) {
     if ctx.hotplug_ranges.iter().any(|r| r.contains(addr)) {
         // Bounded: the guest can loop on this. What is not sent is counted in the next event.

@@ -7,7 +7,8 @@
 //! discarding it, and offers [`BalloonDevice::audit`] to compare the guest's claims with host
 //! RSS.
 //!
-//! - [`request`]: descriptor-chain walking and PFN parsing;
+//! - [`request`]: decoding requests from chains walked by `virtio::chain`, and PFN parsing;
+//! - [`reuse`]: exact detection of inflated pages the guest wrote again;
 //! - [`stats`]: the statistics wire format and snapshots;
 //! - [`pages`]: the host's own set of inflated pages;
 //! - [`device`]: config space, features, queues ([`BalloonDevice`]);
