@@ -176,6 +176,12 @@ impl ApiClient {
         serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
     }
 
+    /// `GET /metrics`: the VMM's metrics in the Prometheus text format.
+    pub fn metrics(&self) -> Result<String, ClientError> {
+        let body = self.call_expecting_success("GET", "/metrics", None)?;
+        String::from_utf8(body.to_vec()).map_err(|error| self.invalid_response(error.to_string()))
+    }
+
     /// Send any request with an optional JSON body; returns the HTTP status
     /// and the response body, whatever the status. An empty body is `Null`,
     /// a body that is not JSON is returned as a `String`.

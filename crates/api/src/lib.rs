@@ -18,12 +18,18 @@
 //! | PUT    | `/vm/balloon`         | [`SetBalloonBody`]            | 204               |
 //! | PUT    | `/vm/dimms`           | [`AddDimmBody`]               | 201 [`DimmInfo`]  |
 //! | DELETE | `/vm/dimms/{id}`      | none                          | 202 [`DimmInfo`]  |
+//! | GET    | `/metrics`            | none                          | 200 Prometheus text ([`METRICS_CONTENT_TYPE`]) |
+//!
+//! [`MetricsListener`] serves the same `GET /metrics` over TCP (`tidevm run
+//! --metrics-listen`), through the same [`RequestHandler`].
 //!
 //! Errors are `{"error": "<message>"}` with a 4xx or 5xx status.
 
 #![deny(missing_docs)]
 
 mod client;
+mod counts;
+mod metrics_listener;
 mod server;
 mod types;
 
@@ -31,6 +37,8 @@ mod types;
 mod tests;
 
 pub use client::{ApiClient, ClientError, DEFAULT_TIMEOUT};
+pub use counts::{ApiRequestCount, ApiRequestCounts, UNKNOWN_ROUTE};
+pub use metrics_listener::{MetricsListener, MetricsListenerError};
 pub use server::{
     parse_socket_mode, ApiServer, ApiServerError, InvalidSocketMode, DEFAULT_SOCKET_MODE,
     MAX_REQUEST_BODY_BYTES,
@@ -39,5 +47,5 @@ pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
     DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, GuestRange, HostRss, MemoryInfo,
     MemoryViolation, OstReport, RequestHandler, ResizeVirtioMemBody, SetBalloonBody,
-    VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
+    VirtioMemCounters, VirtioMemInfo, VmInfo, VmState, METRICS_CONTENT_TYPE,
 };

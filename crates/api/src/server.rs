@@ -26,9 +26,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
+use crate::counts::{ApiRequestCounts, UNKNOWN_ROUTE};
 use crate::types::{
     AddDimmBody, ApiError, ApiRequest, ApiResponse, ErrorBody, RequestHandler, ResizeVirtioMemBody,
-    SetBalloonBody,
+    SetBalloonBody, METRICS_CONTENT_TYPE,
 };
 
 /// Permissions of the API socket unless told otherwise: its owner only.
@@ -64,6 +65,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/balloon"),
     ("PUT", "/vm/dimms"),
     ("DELETE", "/vm/dimms/{id}"),
+    ("GET", "/metrics"),
 ];
 
 /// What `PUT /vm/balloon` takes, for error messages.
@@ -190,6 +192,8 @@ pub struct ApiServer {
     listener: Mutex<Option<UnixListener>>,
     stop: Arc<Notify>,
     socket_removed: AtomicBool,
+    /// Answered requests, for the metrics.
+    counts: Arc<ApiRequestCounts>,
 }
 
 impl ApiServer {
@@ -245,6 +249,7 @@ impl ApiServer {
             listener: Mutex::new(None),
             stop: Arc::new(Notify::new()),
             socket_removed: AtomicBool::new(false),
+            counts: Arc::default(),
         };
         // bind() created the file with the umask's permissions; narrow them before serving.
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(
@@ -270,6 +275,12 @@ impl ApiServer {
     /// Path of the socket.
     pub fn socket_path(&self) -> &Path {
         &self.socket_path
+    }
+
+    /// The requests this server answered, by method, route template and status (for
+    /// `tidevm_api_requests_total`).
+    pub fn request_counts(&self) -> Arc<ApiRequestCounts> {
+        Arc::clone(&self.counts)
     }
 
     /// Serve requests on a new thread named `tidevm-api` until
@@ -302,10 +313,11 @@ impl ApiServer {
             tokio::net::UnixListener::from_std(std_listener).map_err(start_error)?
         };
         let stop = Arc::clone(&self.stop);
+        let counts = Arc::clone(&self.counts);
         std::thread::Builder::new()
             .name("tidevm-api".to_owned())
             .spawn(move || {
-                runtime.block_on(accept_connections(listener, handler, stop));
+                runtime.block_on(accept_connections(listener, handler, stop, counts));
                 // Do not wait for a handler that may be stuck in the VMM.
                 runtime.shutdown_background();
             })
@@ -443,6 +455,7 @@ async fn accept_connections(
     listener: tokio::net::UnixListener,
     handler: Arc<dyn RequestHandler>,
     stop: Arc<Notify>,
+    counts: Arc<ApiRequestCounts>,
 ) {
     let mut stopped = pin!(stop.notified());
     // Every connection task, evicted ones included, until it ends.
@@ -482,8 +495,9 @@ async fn accept_connections(
         let live_connections = Arc::clone(&live_connections);
         let handler = Arc::clone(&handler);
         let table = Arc::clone(&table);
+        let counts = Arc::clone(&counts);
         tokio::spawn(async move {
-            serve_connection(stream, handler, handling, evict).await;
+            serve_connection(stream, handler, handling, evict, counts).await;
             table.remove(id);
             live_connections.fetch_sub(1, Ordering::AcqRel);
         });
@@ -499,12 +513,19 @@ async fn serve_connection(
     handler: Arc<dyn RequestHandler>,
     handling: Arc<AtomicUsize>,
     evict: Arc<Notify>,
+    counts: Arc<ApiRequestCounts>,
 ) {
     let service_handling = Arc::clone(&handling);
-    let service = hyper::service::service_fn(move |request| {
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
         let handler = Arc::clone(&handler);
         let handling = Arc::clone(&service_handling);
-        async move { Ok::<_, Infallible>(serve_request(request, handler, handling).await) }
+        let counts = Arc::clone(&counts);
+        async move {
+            let method = request.method().clone();
+            let (endpoint, response) = serve_request(request, handler, handling).await;
+            counts.record(method.as_str(), endpoint, response.status().as_u16());
+            Ok::<_, Infallible>(response)
+        }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -553,24 +574,40 @@ impl Drop for Handling {
     }
 }
 
+/// Answers one request; also returns the route template it was for (for the counts).
 async fn serve_request(
     request: Request<Incoming>,
     handler: Arc<dyn RequestHandler>,
     handling: Arc<AtomicUsize>,
-) -> Response<Full<Bytes>> {
+) -> (&'static str, Response<Full<Bytes>>) {
     let path = request.uri().path().to_owned();
     let Some(endpoint) = Endpoint::from_path(&path, request.method().as_str()) else {
-        return error_response(&ApiError::not_found(format!(
+        let response = error_response(&ApiError::not_found(format!(
             "unknown route {}; the API has {}",
             abbreviate(&path),
             route_list()
         )));
+        return (UNKNOWN_ROUTE, response);
     };
+    let template = endpoint.template();
+    (
+        template,
+        answer(request, endpoint, &path, handler, handling).await,
+    )
+}
+
+async fn answer(
+    request: Request<Incoming>,
+    endpoint: Endpoint,
+    path: &str,
+    handler: Arc<dyn RequestHandler>,
+    handling: Arc<AtomicUsize>,
+) -> Response<Full<Bytes>> {
     if request.method().as_str() != endpoint.method() {
         let mut response = error_response(&ApiError::method_not_allowed(format!(
             "method {} is not allowed on {}; use {}",
             request.method(),
-            abbreviate(&path),
+            abbreviate(path),
             endpoint.method()
         )));
         response
@@ -658,6 +695,7 @@ enum Endpoint {
     BalloonTarget,
     AddDimm,
     RemoveDimm { id: String },
+    Metrics,
 }
 
 impl Endpoint {
@@ -671,6 +709,7 @@ impl Endpoint {
             "/vm/shutdown" => Some(Endpoint::Shutdown),
             "/vm/reboot" => Some(Endpoint::Reboot),
             "/vm/dimms" => Some(Endpoint::AddDimm),
+            "/metrics" => Some(Endpoint::Metrics),
             _ => {
                 if let Some(id) = path.strip_prefix("/vm/dimms/") {
                     return path_id(id).map(|id| Endpoint::RemoveDimm { id });
@@ -683,7 +722,7 @@ impl Endpoint {
 
     fn method(&self) -> &'static str {
         match self {
-            Endpoint::VmInfo | Endpoint::BalloonStatus => "GET",
+            Endpoint::VmInfo | Endpoint::BalloonStatus | Endpoint::Metrics => "GET",
             Endpoint::Shutdown
             | Endpoint::Reboot
             | Endpoint::VirtioMem { .. }
@@ -705,7 +744,22 @@ impl Endpoint {
             | Endpoint::Reboot
             | Endpoint::VirtioMem { .. }
             | Endpoint::BalloonStatus
-            | Endpoint::BalloonTarget => StatusCode::OK,
+            | Endpoint::BalloonTarget
+            | Endpoint::Metrics => StatusCode::OK,
+        }
+    }
+
+    /// The route template, as in [`ROUTES`] (a label of `tidevm_api_requests_total`).
+    fn template(&self) -> &'static str {
+        match self {
+            Endpoint::VmInfo => "/vm/info",
+            Endpoint::Shutdown => "/vm/shutdown",
+            Endpoint::Reboot => "/vm/reboot",
+            Endpoint::VirtioMem { .. } => "/vm/virtio-mem/{id}",
+            Endpoint::BalloonStatus | Endpoint::BalloonTarget => "/vm/balloon",
+            Endpoint::AddDimm => "/vm/dimms",
+            Endpoint::RemoveDimm { .. } => "/vm/dimms/{id}",
+            Endpoint::Metrics => "/metrics",
         }
     }
 
@@ -717,6 +771,7 @@ impl Endpoint {
             Endpoint::BalloonStatus => {
                 expect_no_parameters(body).map(|()| ApiRequest::BalloonStatus)
             }
+            Endpoint::Metrics => expect_no_parameters(body).map(|()| ApiRequest::Metrics),
             Endpoint::BalloonTarget => {
                 let parsed: SetBalloonBody = parse_object(body, BALLOON_BODY)?;
                 Ok(ApiRequest::SetBalloon {
@@ -826,9 +881,19 @@ fn abbreviate(text: &str) -> &str {
 
 /// The answer to a request the handler carried out; a JSON body goes with `json_status`
 /// (from [`Endpoint::json_status`]).
-fn success_response(response: ApiResponse, json_status: StatusCode) -> Response<Full<Bytes>> {
+pub(crate) fn success_response(
+    response: ApiResponse,
+    json_status: StatusCode,
+) -> Response<Full<Bytes>> {
     let json = match response {
         ApiResponse::Empty => return build_response(StatusCode::NO_CONTENT, None),
+        ApiResponse::Metrics(text) => {
+            let mut response = Response::new(Full::new(Bytes::from(text)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
+            return response;
+        }
         ApiResponse::VmInfo(info) => serde_json::to_vec(&info),
         ApiResponse::Balloon(info) => serde_json::to_vec(&info),
         ApiResponse::Dimm(info) => serde_json::to_vec(&info),
@@ -845,7 +910,7 @@ fn json_response(status: StatusCode, json: serde_json::Result<Vec<u8>>) -> Respo
     }
 }
 
-fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
+pub(crate) fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
     // A handler that returns a non-error status still failed: report 500.
     let status = StatusCode::from_u16(error.status)
         .ok()
@@ -882,6 +947,7 @@ mod tests {
             let path = template.replace("{id}", "vmem0");
             let endpoint = Endpoint::from_path(&path, method).expect(template);
             assert_eq!(endpoint.method(), *method, "{template}");
+            assert_eq!(endpoint.template(), *template);
         }
     }
 

@@ -186,6 +186,11 @@ impl RequestHandler for FakeVmm {
             ApiRequest::RemoveDimm { id } => {
                 Err(ApiError::not_found(format!("no DIMM with id {id}")))
             }
+            ApiRequest::Metrics => Ok(ApiResponse::Metrics(
+                "# HELP tidevm_vm_running Running.\n# TYPE tidevm_vm_running gauge\n\
+                 tidevm_vm_running 1\n"
+                    .to_owned(),
+            )),
         }
     }
 }
@@ -1038,4 +1043,117 @@ fn openapi_document_lists_exactly_the_routes() {
         .collect();
     routed.sort();
     assert_eq!(documented, routed);
+}
+
+/// Sends one HTTP/1.1 request with `Connection: close` and returns the whole answer.
+fn raw_exchange(mut stream: impl Read + Write, method: &str, path: &str) -> String {
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn metrics_route_answers_prometheus_text() {
+    let running = start();
+    let text = running.client.metrics().unwrap();
+    assert!(text.contains("tidevm_vm_running 1"), "{text}");
+    assert_eq!(running.vmm.requests(), vec![ApiRequest::Metrics]);
+    let stream = UnixStream::connect(running.server.socket_path()).unwrap();
+    let answer = raw_exchange(stream, "GET", "/metrics");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains(&format!("content-type: {METRICS_CONTENT_TYPE}")),
+        "{answer}"
+    );
+    let (status, _) = running.client.call("PUT", "/metrics", None).unwrap();
+    assert_eq!(status, 405);
+}
+
+#[test]
+fn answered_requests_are_counted_by_route_template_and_status() {
+    let running = start();
+    running.client.vm_info().unwrap();
+    running.client.vm_info().unwrap();
+    assert_eq!(running.client.call("PUT", "/vm/info", None).unwrap().0, 405);
+    assert_eq!(
+        running
+            .client
+            .call("GET", "/no/such/route", None)
+            .unwrap()
+            .0,
+        404
+    );
+    let resize = |id: &str| {
+        running
+            .client
+            .call(
+                "PUT",
+                &format!("/vm/virtio-mem/{id}"),
+                Some(json!({"requested_size": BLOCK_SIZE})),
+            )
+            .unwrap()
+            .0
+    };
+    assert_eq!(resize("vmem0"), 204);
+    assert_eq!(resize("other"), 404);
+    let count = |method: &str, endpoint: &str, status: u16| {
+        running
+            .server
+            .request_counts()
+            .snapshot()
+            .iter()
+            .find(|c| c.method == method && c.endpoint == endpoint && c.status == status)
+            .map_or(0, |c| c.count)
+    };
+    assert_eq!(count("GET", "/vm/info", 200), 2);
+    assert_eq!(count("PUT", "/vm/info", 405), 1);
+    assert_eq!(count("GET", UNKNOWN_ROUTE, 404), 1);
+    assert_eq!(count("PUT", "/vm/virtio-mem/{id}", 204), 1);
+    assert_eq!(count("PUT", "/vm/virtio-mem/{id}", 404), 1);
+    // Raw paths never become labels.
+    assert!(running
+        .server
+        .request_counts()
+        .snapshot()
+        .iter()
+        .all(|c| !c.endpoint.contains("vmem0") && !c.endpoint.contains("/no/")));
+}
+
+#[test]
+fn metrics_listener_serves_get_metrics_over_tcp_only() {
+    let listener = MetricsListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let vmm = Arc::new(FakeVmm::default());
+    let thread = listener.spawn(vmm.clone()).unwrap();
+    let connect = || std::net::TcpStream::connect(listener.local_addr()).unwrap();
+
+    let answer = raw_exchange(connect(), "GET", "/metrics");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains(&format!("content-type: {METRICS_CONTENT_TYPE}")),
+        "{answer}"
+    );
+    assert!(answer.ends_with("tidevm_vm_running 1\n"), "{answer}");
+    assert!(raw_exchange(connect(), "GET", "/vm/info").starts_with("HTTP/1.1 404"));
+    let refused = raw_exchange(connect(), "PUT", "/metrics");
+    assert!(refused.starts_with("HTTP/1.1 405"), "{refused}");
+    // Only the one scrape reached the VMM, as a metrics request.
+    assert_eq!(vmm.requests(), vec![ApiRequest::Metrics]);
+
+    listener.shutdown();
+    thread.join().unwrap();
+    // A second listener on a port in use fails with the address in the message.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let error = MetricsListener::bind(busy.local_addr().unwrap()).unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains(&busy.local_addr().unwrap().to_string()),
+        "{error}"
+    );
 }

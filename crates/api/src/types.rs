@@ -41,6 +41,9 @@ pub enum ApiRequest {
         /// Id of the DIMM.
         id: String,
     },
+    /// `GET /metrics` (on the API socket, or on the `--metrics-listen` port): the VMM's
+    /// metrics in the Prometheus text format.
+    Metrics,
 }
 
 /// What a successful request returns.
@@ -54,7 +57,14 @@ pub enum ApiResponse {
     Balloon(BalloonInfo),
     /// A DIMM just added (HTTP 201) or asked to leave (HTTP 202), with a [`DimmInfo`] body.
     Dimm(DimmInfo),
+    /// Metrics in the Prometheus text format, version 0.0.4: HTTP 200 with
+    /// [`METRICS_CONTENT_TYPE`].
+    Metrics(String),
 }
+
+/// `Content-Type` of `GET /metrics`: the Prometheus text format, version 0.0.4 (what the
+/// VMM's encoder, `prometheus-client`'s `prometheus_text`, writes).
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Body of `PUT /vm/balloon`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

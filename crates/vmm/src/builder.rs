@@ -35,7 +35,7 @@ use crate::memory::placement::{plan_hotplug_area, HotplugPlan};
 use crate::memory::{DimmMemoryError, HotplugRegionId, MemoryManager};
 use crate::memory_service::{MemoryDevices, MemoryService, MemorySettings};
 use crate::vstate::interrupts::MsiRouting;
-use crate::vstate::vcpu::{VcpuContext, VcpuThread};
+use crate::vstate::vcpu::{VcpuContext, VcpuExits, VcpuThread};
 use crate::vstate::vm;
 use crate::vstate::ExitRequester;
 
@@ -258,6 +258,7 @@ pub fn build_vm(
     config: &VmConfig,
     console: &Console,
     exit: &ExitRequester,
+    vcpu_exits: &Arc<VcpuExits>,
 ) -> Result<RunningVm, BuildError> {
     let vm_fd = Arc::new(vm::create_vm(kvm)?);
     let layout = GuestLayout::new(config.memory.size);
@@ -360,6 +361,7 @@ pub fn build_vm(
             exit: exit.clone(),
             stop: stop.clone(),
             hotplug_ranges: hotplug_ranges.clone(),
+            exits: vcpu_exits.clone(),
         };
         vcpus.push(VcpuThread::spawn(fd, ctx).map_err(BuildError::Thread)?);
     }

@@ -18,6 +18,7 @@ pub mod devices;
 pub mod logging;
 pub mod memory;
 pub mod memory_service;
+pub mod metrics;
 pub mod vmm;
 pub mod vstate;
 

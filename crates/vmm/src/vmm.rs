@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use std::os::fd::AsRawFd;
 
 use kvm_ioctls::Kvm;
-use tidevm_api::{ApiError, ApiRequest, ApiResponse, RequestHandler};
+use tidevm_api::{ApiError, ApiRequest, ApiRequestCounts, ApiResponse, RequestHandler};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -18,6 +18,7 @@ use crate::builder::{build_vm, BuildError, RunningVm};
 use crate::config::VmConfig;
 use crate::console::{Console, ConsoleError};
 use crate::memory_service::{ViolationLog, ViolationOutcome};
+use crate::metrics::{MetricsSnapshot, MetricsSources};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus};
 use crate::vstate::vm::{open_kvm, VmError};
 use crate::vstate::{ExitRequester, VmEvent, VmFailure};
@@ -137,6 +138,8 @@ pub struct Vmm {
     epoll: Epoll,
     /// What each epoll token (minus one) stands for: a virtio device and one of its queues.
     queue_tokens: Vec<(usize, usize)>,
+    /// Counters kept outside the memory service (vCPU exits, API requests), across reboots.
+    metrics: MetricsSources,
 }
 
 impl Vmm {
@@ -159,7 +162,13 @@ impl Vmm {
             vm: None,
             epoll,
             queue_tokens: Vec::new(),
+            metrics: MetricsSources::default(),
         })
+    }
+
+    /// Exports the API server's request counts in the metrics (`tidevm_api_requests_total`).
+    pub fn set_api_request_counts(&mut self, counts: Arc<ApiRequestCounts>) {
+        self.metrics.api_requests = Some(counts);
     }
 
     fn sender(&self) -> Result<ControlSender, VmmError> {
@@ -182,7 +191,13 @@ impl Vmm {
         let exit = ExitRequester::new(move |reason| {
             sender.send(ControlEvent::VmExit { generation, reason });
         });
-        let mut vm = build_vm(&self.kvm, &self.config, &self.console, &exit)?;
+        let mut vm = build_vm(
+            &self.kvm,
+            &self.config,
+            &self.console,
+            &exit,
+            &self.metrics.vcpu_exits,
+        )?;
         vm.memory.carry_violations(violations);
         self.watch_events(&vm)?;
         self.vm = Some(vm);
@@ -351,6 +366,11 @@ impl Vmm {
             ApiRequest::Reboot => {
                 self.reboot()?;
                 Ok(ApiResponse::Empty)
+            }
+            ApiRequest::Metrics => {
+                let memory = self.vm.as_mut().map(|vm| &mut vm.memory);
+                let snapshot = MetricsSnapshot::take(memory, &self.metrics);
+                Ok(ApiResponse::Metrics(crate::metrics::encode(snapshot)))
             }
             memory_request => match self.vm.as_mut() {
                 Some(vm) => api::memory_request(&mut vm.memory, memory_request),

@@ -11,7 +11,9 @@ use kvm_bindings::kvm_segment;
 use tidevm_vmm::arch::x86_64::layout::{GuestLayout, GuestRange};
 use tidevm_vmm::devices::Bus;
 use tidevm_vmm::memory::{Backing, MemoryManager};
-use tidevm_vmm::vstate::vcpu::{install_kick_handler, stop_vcpus, VcpuContext, VcpuThread};
+use tidevm_vmm::vstate::vcpu::{
+    install_kick_handler, stop_vcpus, ExitReason, VcpuContext, VcpuExits, VcpuThread,
+};
 use tidevm_vmm::vstate::vm::{create_vm, open_kvm};
 use tidevm_vmm::vstate::{Access, ExitRequester, VmEvent};
 use vm_memory::{Bytes, GuestAddress};
@@ -137,6 +139,7 @@ fn access_is_reported(unplugged_block: u64) {
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
     let stop = Arc::new(AtomicBool::new(false));
+    let exits = Arc::new(VcpuExits::default());
     let thread = VcpuThread::spawn(
         vcpu,
         VcpuContext {
@@ -146,6 +149,7 @@ fn access_is_reported(unplugged_block: u64) {
             exit: ExitRequester::new(move |r| sink.lock().unwrap().push(r)),
             stop: stop.clone(),
             hotplug_ranges: Arc::new(vec![region]),
+            exits: exits.clone(),
         },
     )
     .unwrap();
@@ -157,6 +161,14 @@ fn access_is_reported(unplugged_block: u64) {
     stop_vcpus(vec![thread]);
 
     let events = std::mem::take(&mut *events.lock().unwrap());
+    // The touch was an exit, and the shared counters saw it.
+    let touches: u64 = exits
+        .counts()
+        .iter()
+        .filter(|(reason, _)| matches!(reason, ExitReason::Mmio | ExitReason::MemoryFault))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(touches >= 1, "{:?}", exits.counts());
     // The plugged block is ordinary memory: the guest read it without any exit.
     assert_eq!(
         mem.read_obj::<u64>(GuestAddress(RESULT)).unwrap(),

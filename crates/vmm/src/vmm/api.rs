@@ -124,9 +124,11 @@ pub(super) fn memory_request(
         }
         ApiRequest::AddDimm(body) => add_dimm(memory, body),
         ApiRequest::RemoveDimm { id } => remove_dimm(memory, &id),
-        ApiRequest::VmInfo | ApiRequest::Shutdown | ApiRequest::Reboot => Err(ApiError::internal(
-            "a life-cycle request reached the memory service",
-        )),
+        ApiRequest::VmInfo | ApiRequest::Shutdown | ApiRequest::Reboot | ApiRequest::Metrics => {
+            Err(ApiError::internal(
+                "a life-cycle or metrics request reached the memory service",
+            ))
+        }
     }
 }
 

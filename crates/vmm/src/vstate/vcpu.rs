@@ -1,6 +1,6 @@
 //! vCPU threads: run KVM_RUN and route the exits to the buses.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,6 +26,93 @@ pub fn install_kick_handler() -> std::io::Result<()> {
     register_signal_handler(kick_signal(), on_kick).map_err(std::io::Error::from)
 }
 
+/// Why `KVM_RUN` returned, as counted for the metrics endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// Port I/O.
+    Io,
+    /// MMIO (devices, and touches of unplugged chunks).
+    Mmio,
+    /// `hlt`.
+    Hlt,
+    /// An interrupt window opened or a host interrupt ended the run.
+    Interrupt,
+    /// A triple fault.
+    Shutdown,
+    /// A power-off, reset or crash event.
+    SystemEvent,
+    /// `KVM_EXIT_MEMORY_FAULT`, or a bare `EFAULT` from `KVM_RUN`.
+    MemoryFault,
+    /// Entry failures and internal errors.
+    Failure,
+    /// Anything else.
+    Other,
+}
+
+impl ExitReason {
+    /// Every reason, in the order of [`VcpuExits::counts`].
+    pub const ALL: [ExitReason; 9] = [
+        ExitReason::Io,
+        ExitReason::Mmio,
+        ExitReason::Hlt,
+        ExitReason::Interrupt,
+        ExitReason::Shutdown,
+        ExitReason::SystemEvent,
+        ExitReason::MemoryFault,
+        ExitReason::Failure,
+        ExitReason::Other,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ExitReason::Io => "io",
+            ExitReason::Mmio => "mmio",
+            ExitReason::Hlt => "hlt",
+            ExitReason::Interrupt => "interrupt",
+            ExitReason::Shutdown => "shutdown",
+            ExitReason::SystemEvent => "system_event",
+            ExitReason::MemoryFault => "memory_fault",
+            ExitReason::Failure => "failure",
+            ExitReason::Other => "other",
+        }
+    }
+
+    fn of(exit: &VcpuExit) -> ExitReason {
+        match exit {
+            VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => ExitReason::Io,
+            VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => ExitReason::Mmio,
+            VcpuExit::Hlt => ExitReason::Hlt,
+            VcpuExit::IrqWindowOpen | VcpuExit::Intr => ExitReason::Interrupt,
+            VcpuExit::Shutdown => ExitReason::Shutdown,
+            VcpuExit::SystemEvent(..) => ExitReason::SystemEvent,
+            VcpuExit::MemoryFault { .. } => ExitReason::MemoryFault,
+            VcpuExit::FailEntry(..) | VcpuExit::InternalError => ExitReason::Failure,
+            _ => ExitReason::Other,
+        }
+    }
+}
+
+/// vCPU exits by reason, over every vCPU and every boot of the VMM. One relaxed atomic add
+/// per exit; read at scrape time.
+#[derive(Debug, Default)]
+pub struct VcpuExits([AtomicU64; ExitReason::ALL.len()]);
+
+impl VcpuExits {
+    /// Counts one exit.
+    pub fn count(&self, reason: ExitReason) {
+        self.0[reason as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every reason with its count.
+    pub fn counts(&self) -> Vec<(ExitReason, u64)> {
+        ExitReason::ALL
+            .iter()
+            .map(|&reason| (reason, self.0[reason as usize].load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// Everything a vCPU thread needs.
 pub struct VcpuContext {
     /// vCPU index.
@@ -41,6 +128,8 @@ pub struct VcpuContext {
     /// Guest-physical ranges of hotplug regions: an exit on an address in them is the guest
     /// touching memory it does not own (unplugged blocks are not accessible).
     pub hotplug_ranges: Arc<Vec<GuestRange>>,
+    /// Exit counters, shared by every vCPU (and kept by the control loop across reboots).
+    pub exits: Arc<VcpuExits>,
 }
 
 /// A running vCPU thread.
@@ -81,12 +170,16 @@ pub fn stop_vcpus(threads: Vec<VcpuThread>) {
 fn run_vcpu(mut vcpu: VcpuFd, ctx: VcpuContext) {
     while !ctx.stop.load(Ordering::Acquire) {
         let outcome = match vcpu.run() {
-            Ok(exit) => handle_exit(exit, &ctx),
+            Ok(exit) => {
+                ctx.exits.count(ExitReason::of(&exit));
+                handle_exit(exit, &ctx)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
             // A kernel without KVM_CAP_MEMORY_FAULT_INFO for this path says only EFAULT: KVM
             // found a slot but could not fault the host page in, and the one kind of page
             // tidevm keeps closed under a slot is an unplugged hotplug block.
             Err(e) if e.errno() == libc::EFAULT => {
+                ctx.exits.count(ExitReason::MemoryFault);
                 // Recorded as a violation too (with no address), so the API shows it.
                 ctx.exit.request(VmEvent::Violation {
                     gpa: None,

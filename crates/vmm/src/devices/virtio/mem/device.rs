@@ -316,7 +316,9 @@ impl VirtioMem {
         }
         let started = Instant::now();
         let result = memory.plug(id, first, count);
-        self.metrics.plug_time += started.elapsed();
+        let elapsed = started.elapsed();
+        self.metrics.plug_time += elapsed;
+        self.metrics.plug_seconds.observe(elapsed);
         self.sync_plugged(memory);
         match result {
             Ok(()) => {
@@ -340,7 +342,9 @@ impl VirtioMem {
         }
         let started = Instant::now();
         let result = memory.unplug(id, first, count);
-        self.metrics.unplug_time += started.elapsed();
+        let elapsed = started.elapsed();
+        self.metrics.unplug_time += elapsed;
+        self.metrics.unplug_seconds.observe(elapsed);
         let before = self.plugged_size;
         self.sync_plugged(memory);
         self.metrics.bytes_unplugged += before - self.plugged_size;
@@ -356,7 +360,9 @@ impl VirtioMem {
     fn unplug_all(&mut self, memory: &mut MemoryManager) -> (ResponseType, u16) {
         let started = Instant::now();
         let result = memory.unplug_all(self.config.hotplug);
-        self.metrics.unplug_time += started.elapsed();
+        let elapsed = started.elapsed();
+        self.metrics.unplug_time += elapsed;
+        self.metrics.unplug_seconds.observe(elapsed);
         let before = self.plugged_size;
         self.sync_plugged(memory);
         self.metrics.bytes_unplugged += before.saturating_sub(self.plugged_size);

@@ -12,5 +12,5 @@ pub mod request;
 mod tests;
 
 pub use device::{VirtioMem, VirtioMemConfig, VirtioMemError, VirtioMemStatus};
-pub use metrics::{ResponseCounts, VirtioMemMetrics};
+pub use metrics::{handling_time_buckets, HandlingTimes, ResponseCounts, VirtioMemMetrics};
 pub use request::{GuestAccess, Request, RequestError};
