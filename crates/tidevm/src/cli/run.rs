@@ -1,10 +1,11 @@
 //! `tidevm run`.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tidevm_api::{parse_socket_mode, ApiServer, DEFAULT_SOCKET_MODE};
+use tidevm_api::{parse_socket_mode, ApiServer, MetricsListener, DEFAULT_SOCKET_MODE};
 use tidevm_vmm::config::{
     BalloonDeviceConfig, MemoryConfig, NumaNodeConfig, SerialConfig, ViolationPolicy,
     VirtioMemDeviceConfig,
@@ -59,6 +60,11 @@ pub struct RunArgs {
     /// An access inside a partly plugged 128 MiB chunk cannot be completed and always stops.
     #[arg(long, value_enum, default_value_t = OnViolation::Report)]
     on_memory_violation: OnViolation,
+    /// Serve Prometheus metrics over HTTP at http://ADDR:PORT/metrics (off by default; the
+    /// API socket serves the same text at GET /metrics). Anyone who can reach the port can
+    /// read them: prefer a loopback address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// `--on-memory-violation`.
@@ -117,7 +123,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .as_deref()
         .map(|path| ApiServer::bind_with_mode(path, socket_mode))
         .transpose()?;
-    let vmm = Vmm::new(config)?;
+    let metrics = args.metrics_listen.map(MetricsListener::bind).transpose()?;
+    let mut vmm = Vmm::new(config)?;
+    if let Some(server) = &api {
+        vmm.set_api_request_counts(server.request_counts());
+    }
+    let metrics_thread = match &metrics {
+        Some(listener) => {
+            tracing::info!(
+                "serving metrics at http://{}/metrics",
+                listener.local_addr()
+            );
+            Some(
+                listener
+                    .spawn(vmm.api_handler()?)
+                    .context("cannot start the metrics listener")?,
+            )
+        }
+        None => None,
+    };
     let api_thread = match &api {
         Some(server) => Some(
             server
@@ -130,8 +154,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
     if let Some(server) = &api {
         server.shutdown();
     }
+    if let Some(listener) = &metrics {
+        listener.shutdown();
+    }
     if let Some(thread) = api_thread {
         // Wait for the answer to a shutdown request to reach its client.
+        let _ = thread.join();
+    }
+    if let Some(thread) = metrics_thread {
         let _ = thread.join();
     }
     Ok(u8::try_from(result?).unwrap_or(1))
