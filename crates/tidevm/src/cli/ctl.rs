@@ -38,6 +38,8 @@ enum CtlCommand {
     },
     /// Print the balloon: target, the guest's claims and statistics, the host's measurements.
     BalloonStats,
+    /// Print the VMM's metrics in the Prometheus text format (as GET /metrics serves them).
+    Metrics,
     /// Ask the guest to resize a virtio-mem device's plugged memory to SIZE (e.g. 4G, 0).
     ResizeMem {
         /// The device id (from --virtio-mem id=...).
@@ -131,6 +133,7 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
                 return wait_for_balloon(&client, bytes, Duration::from_secs(timeout));
             }
         }
+        CtlCommand::Metrics => print!("{}", client.metrics()?),
         CtlCommand::BalloonStats => {
             let info = client.balloon()?;
             println!("{}", serde_json::to_string_pretty(&info)?);
