@@ -13,11 +13,12 @@ all: build
 deps:
 	bash guest/install-deps.sh
 
-# The guest images need zstd, xz, cpio, gzip, modinfo and file; QEMU is needed
-# only for the nested lane, i.e. when the CPU has no vmx/svm.
+# The guest images need zstd, xz, cpio, gzip, modinfo and file; the metrics
+# tests need prometheus and promtool; QEMU is needed only for the nested lane,
+# i.e. when the CPU has no vmx/svm.
 deps-if-needed:
 	@missing=""; \
-	for tool in zstd xz cpio gzip modinfo file; do \
+	for tool in zstd xz cpio gzip modinfo file prometheus promtool; do \
 		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
 	done; \
 	if ! grep -qwE 'vmx|svm' /proc/cpuinfo && ! command -v qemu-system-x86_64 >/dev/null 2>&1; then \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the host packages that building the guest images and running the
-# nested test lane need, on a Debian bookworm machine. Idempotent: it does
-# nothing when everything is already present.
+# Installs the host packages that building the guest images, running the
+# nested test lane and the metrics tests (Prometheus, promtool) need, on a
+# Debian bookworm machine. Idempotent: it does nothing when everything is
+# already present.
 set -euo pipefail
 
 SUDO=""
@@ -19,6 +20,9 @@ declare -A NEEDED=(
     [modinfo]=kmod
     [file]=file
     [make]=make
+    # The metrics tests: promtool checks the scrape text, a real Prometheus scrapes tidevm.
+    [prometheus]=prometheus
+    [promtool]=prometheus
 )
 missing=()
 for tool in "${!NEEDED[@]}"; do
