@@ -308,3 +308,41 @@ fn numbers_that_would_overflow() {
         expect_error(&args, names);
     }
 }
+
+#[test]
+fn bad_metrics_listen_address() {
+    let kernel = junk_kernel("bad-metrics-listen");
+    for value in ["nonsense", "127.0.0.1", "localhost:9464", "127.0.0.1:99999"] {
+        expect_error(
+            &[
+                "run",
+                "--kernel",
+                kernel.0.to_str().unwrap(),
+                "--serial",
+                "off",
+                "--metrics-listen",
+                value,
+            ],
+            &["--metrics-listen", value],
+        );
+    }
+}
+
+#[test]
+fn metrics_port_in_use() {
+    let kernel = junk_kernel("metrics-port-in-use");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            kernel.0.to_str().unwrap(),
+            "--serial",
+            "off",
+            "--metrics-listen",
+            &addr,
+        ],
+        &["metrics", &addr, "in use"],
+    );
+}

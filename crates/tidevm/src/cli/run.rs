@@ -64,7 +64,7 @@ pub struct RunArgs {
     /// API socket serves the same text at GET /metrics). Anyone who can reach the port can
     /// read them: prefer a loopback address.
     #[arg(long, value_name = "ADDR:PORT")]
-    metrics_listen: Option<SocketAddr>,
+    metrics_listen: Option<String>,
 }
 
 /// `--on-memory-violation`.
@@ -123,7 +123,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<u8> {
         .as_deref()
         .map(|path| ApiServer::bind_with_mode(path, socket_mode))
         .transpose()?;
-    let metrics = args.metrics_listen.map(MetricsListener::bind).transpose()?;
+    // Parsed here, not by clap, so that a bad value is one `tidevm: error:` line.
+    let metrics_addr = args
+        .metrics_listen
+        .as_deref()
+        .map(|text| {
+            text.parse::<SocketAddr>().map_err(|_| {
+                anyhow::anyhow!(
+                    "invalid --metrics-listen '{text}': expected ADDR:PORT, e.g. 127.0.0.1:9464 \
+                     or [::1]:9464"
+                )
+            })
+        })
+        .transpose()?;
+    // Bound before booting, like the API socket, so that a busy port fails fast.
+    let metrics = metrics_addr.map(MetricsListener::bind).transpose()?;
     let mut vmm = Vmm::new(config)?;
     if let Some(server) = &api {
         vmm.set_api_request_counts(server.request_counts());
