@@ -300,6 +300,12 @@ fn plug_state_unplug_acks_and_track_plugged_size() {
     assert_eq!((m.plug.ack, m.unplug.ack, m.state.ack), (1, 1, 4));
     assert_eq!((m.bytes_plugged, m.bytes_unplugged), (4 * BLOCK, 2 * BLOCK));
     assert_eq!(m.malformed, 0);
+    // One handling-time observation per PLUG and per UNPLUG (STATE is not timed), summing to
+    // the accumulated times.
+    let (plugs, unplugs) = (m.plug_seconds.histogram(), m.unplug_seconds.histogram());
+    assert_eq!((plugs.count(), unplugs.count()), (1, 1));
+    assert!((plugs.sum() - m.plug_time.as_secs_f64()).abs() < 1e-9);
+    assert!((unplugs.sum() - m.unplug_time.as_secs_f64()).abs() < 1e-9);
 }
 
 #[test]
@@ -408,6 +414,9 @@ fn unplug_all_empties_and_shrinks_usable_size() {
         "UNPLUG_ALL when empty"
     );
     assert_eq!(s.dev.metrics().unplug_all.ack, 2);
+    // UNPLUG_ALL is timed with the unplugs, even when there was nothing to unplug.
+    assert_eq!(s.dev.metrics().unplug_seconds.histogram().count(), 2);
+    assert_eq!(s.dev.metrics().plug_seconds.histogram().count(), 2);
 }
 
 #[test]
