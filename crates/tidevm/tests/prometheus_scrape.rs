@@ -103,8 +103,14 @@ impl Drop for Reaped {
     }
 }
 
+/// Says `SKIPPED: <reason>` so that it shows: straight to the process's stderr, which the
+/// test harness does not capture (it captures only `print!` and `eprint!`).
 fn skip(reason: &str) {
-    eprintln!("SKIPPED: {TEST}: {reason}");
+    let banner = "**************************************************************";
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n{banner}\nSKIPPED: {TEST}: {reason}\n{banner}"
+    );
     println!("SKIPPED: {TEST}: {reason}");
 }
 

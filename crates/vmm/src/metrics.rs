@@ -726,7 +726,9 @@ mod tests {
             .stderr(Stdio::piped())
             .spawn();
         let Ok(mut child) = child else {
-            eprintln!(
+            // Straight to stderr: the harness captures only print! and eprint!.
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED: promtool_accepts_the_output: promtool is not installed (make deps)"
             );
             return;
