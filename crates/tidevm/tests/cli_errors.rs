@@ -308,3 +308,72 @@ fn numbers_that_would_overflow() {
         expect_error(&args, names);
     }
 }
+
+/// Expected manners: `--version`, `--log-level` and `--log-format` are there, and a bad
+/// `--log-level` is a one-line usage error.
+#[test]
+fn version_and_log_options() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tidevm"))
+        .arg("--version")
+        .output()
+        .expect("run the tidevm binary");
+    assert!(output.status.success());
+    let version = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        version.starts_with("tidevm ") && version.contains(env!("CARGO_PKG_VERSION")),
+        "{version}"
+    );
+    let kernel = junk_kernel("log-level");
+    let kernel = kernel.0.to_str().unwrap();
+    expect_error(
+        &["--log-level", "=nonsense=", "run", "--kernel", kernel],
+        &["--log-level"],
+    );
+    // JSON logs: the kernel error still ends the run, and the log options parse.
+    expect_error(
+        &[
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "run",
+            "--kernel",
+            kernel,
+        ],
+        &["kernel"],
+    );
+}
+
+/// `tidevm ctl` exits non-zero on a 4xx or 5xx and prints the server's message.
+#[test]
+fn ctl_fails_with_the_servers_message() {
+    use std::sync::Arc;
+    use tidevm_api::{ApiError, ApiRequest, ApiResponse, ApiServer, RequestHandler};
+
+    struct Refuses;
+    impl RequestHandler for Refuses {
+        fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+            match request {
+                ApiRequest::ResizeVirtioMem { .. } => {
+                    Err(ApiError::not_found("no virtio-mem device with id nosuch"))
+                }
+                _ => Err(ApiError::internal("the VMM is on fire")),
+            }
+        }
+    }
+    let socket =
+        std::env::temp_dir().join(format!("tidevm-cli-errors-{}-ctl.sock", std::process::id()));
+    let server = ApiServer::bind(&socket).expect("bind a test API socket");
+    server.spawn(Arc::new(Refuses)).expect("serve it");
+    let socket = socket.to_str().unwrap();
+    let line = expect_error(
+        &["ctl", "--api-socket", socket, "resize-mem", "nosuch", "1G"],
+        &["nosuch"],
+    );
+    assert!(
+        line.contains("404") || line.contains("no virtio-mem"),
+        "{line}"
+    );
+    expect_error(&["ctl", "--api-socket", socket, "reboot"], &["on fire"]);
+    drop(server);
+}
