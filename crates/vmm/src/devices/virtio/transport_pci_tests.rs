@@ -70,15 +70,7 @@ struct Rig {
 }
 
 fn rig() -> Option<Rig> {
-    let vm = kvm_ioctls::Kvm::new()
-        .ok()
-        .and_then(|kvm| kvm.create_vm().ok())
-        .map(Arc::new);
-    let Some(vm) = vm else {
-        println!("SKIPPED: /dev/kvm is not usable here");
-        return None;
-    };
-    vm.create_irq_chip().unwrap();
+    let vm = crate::vstate::vm::test_vm(true)?;
     let routing = Arc::new(MsiRouting::new(vm.clone()));
     let bus = Arc::new(Bus::new());
     let transport = VirtioPciDevice::new(
