@@ -39,6 +39,9 @@ enum BenchCommand {
     /// merged ranges (tidevm) and one discarding page by page (QEMU's way); syscalls per GiB,
     /// time in them, host RSS reclaimed.
     Balloon(super::bench_balloon::BalloonArgs),
+    /// Soak: batches of virtio-mem, balloon and DIMM resize cycles in one guest; failed
+    /// requests, the VMM's RSS slope, fds and threads.
+    Soak(super::bench_soak::SoakArgs),
 }
 
 /// Options shared by every benchmark.
@@ -98,6 +101,16 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
             &balloon.common,
             json!({ "size": balloon.size, "touch_mib": balloon.touch, "memory": balloon.memory }),
             super::bench_balloon::run(&lane, balloon),
+        ),
+        BenchCommand::Soak(soak) => (
+            "soak",
+            &soak.common,
+            json!({
+                "mem_cycles": soak.mem_cycles,
+                "balloon_cycles": soak.balloon_cycles,
+                "dimm_cycles": soak.dimm_cycles,
+            }),
+            super::bench_soak::run(&lane, soak),
         ),
         BenchCommand::Dimm(dimm) => (
             "dimm",
