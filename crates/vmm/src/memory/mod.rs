@@ -10,6 +10,7 @@ mod bitmap;
 mod dimm;
 mod discard;
 mod hotplug;
+pub mod planner;
 #[cfg(test)]
 mod tests_hotplug;
 mod usage;
