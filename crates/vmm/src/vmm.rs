@@ -2,6 +2,7 @@
 //! power-off and reset.
 
 mod dimms;
+mod memory_plan;
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -12,7 +13,8 @@ use std::os::fd::AsRawFd;
 use kvm_ioctls::Kvm;
 use tidevm_api::{
     ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats, HostRss, MemoryInfo,
-    MemoryViolation, RequestHandler, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
+    MemoryViolation, PayloadInfo, RequestHandler, VirtioMemCounters, VirtioMemInfo, VmInfo,
+    VmState,
 };
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -359,6 +361,12 @@ impl Vmm {
             ApiRequest::RemoveDimm { id } => {
                 let _ = reply.send(self.remove_dimm(&id));
             }
+            ApiRequest::MemoryStatus => {
+                let _ = reply.send(self.memory_status().map(ApiResponse::Memory));
+            }
+            ApiRequest::SetMemory(body) => {
+                let _ = reply.send(self.set_memory(body.size, body.node));
+            }
         }
         Ok(None)
     }
@@ -548,6 +556,15 @@ impl Vmm {
             memory_violations: self.violations.clone(),
             memory_violation_count: self.violation_count,
             dimms: self.dimms_info(),
+            payload: Some(PayloadInfo {
+                kernel: self.config.kernel.display().to_string(),
+                initramfs: self
+                    .config
+                    .initramfs
+                    .as_ref()
+                    .map(|path| path.display().to_string()),
+                cmdline: self.config.cmdline.clone(),
+            }),
         }
     }
 }
