@@ -173,9 +173,18 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
                 );
             }
         }
-        CtlCommand::Memory { size: None, .. } => {
+        CtlCommand::Memory {
+            size: None,
+            wait,
+            timeout,
+            ..
+        } => {
+            let started = Instant::now();
             let memory = client.memory()?;
             println!("{}", serde_json::to_string_pretty(&memory)?);
+            if wait {
+                return wait_for_memory(&client, started, Duration::from_secs(timeout));
+            }
         }
         CtlCommand::Memory {
             size: Some(size),
