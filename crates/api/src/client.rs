@@ -10,7 +10,10 @@ use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 
-use crate::types::{AddDimmBody, DimmInfo, ErrorBody, ResizeVirtioMemBody, VmInfo};
+use crate::types::{
+    AddDimmBody, DimmInfo, ErrorBody, MemoryPlanInfo, MemoryStatus, ResizeVirtioMemBody,
+    SetMemoryBody, VmInfo,
+};
 
 /// How long a request may take unless [`ApiClient::with_timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -137,6 +140,30 @@ impl ApiClient {
     /// `GET /vm/balloon`.
     pub fn balloon(&self) -> Result<crate::BalloonInfo, ClientError> {
         let body = self.call_expecting_success("GET", "/vm/balloon", None)?;
+        serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
+    }
+
+    /// `GET /vm/memory`.
+    pub fn memory(&self) -> Result<MemoryStatus, ClientError> {
+        let body = self.call_expecting_success("GET", "/vm/memory", None)?;
+        serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
+    }
+
+    /// `PUT /vm/memory`: bring the guest's total memory to `size_bytes` (with `node`: by
+    /// changing that node's virtio-mem devices only). Returns the steps the VMM took.
+    pub fn set_memory(
+        &self,
+        size_bytes: u64,
+        node: Option<u32>,
+    ) -> Result<MemoryPlanInfo, ClientError> {
+        let body = SetMemoryBody {
+            size: size_bytes,
+            node,
+        };
+        let json = serde_json::to_vec(&body).map_err(|error| ClientError::InvalidRequest {
+            detail: error.to_string(),
+        })?;
+        let body = self.call_expecting_success("PUT", "/vm/memory", Some(json))?;
         serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
     }
 

@@ -18,11 +18,19 @@
 //! | PUT    | `/vm/balloon`         | [`SetBalloonBody`]            | 204               |
 //! | PUT    | `/vm/dimms`           | [`AddDimmBody`]               | 201 [`DimmInfo`]  |
 //! | DELETE | `/vm/dimms/{id}`      | none                          | 202 [`DimmInfo`]  |
+//! | GET    | `/vm/memory`          | none                          | 200 [`MemoryStatus`] |
+//! | PUT    | `/vm/memory`          | [`SetMemoryBody`]             | 200 [`MemoryPlanInfo`] |
+//!
+//! Cloud Hypervisor's memory-related routes (`/api/v1/vmm.ping`, `/api/v1/vm.info`,
+//! `/api/v1/vm.resize`, ...) are served on the same socket with its JSON shapes and status
+//! codes, so that `ch-remote` and clients generated from its OpenAPI document work; see
+//! the `ch` module.
 //!
 //! Errors are `{"error": "<message>"}` with a 4xx or 5xx status.
 
 #![deny(missing_docs)]
 
+mod ch;
 mod client;
 mod server;
 mod types;
@@ -37,7 +45,8 @@ pub use server::{
 };
 pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
-    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, GuestRange, HostRss, MemoryInfo,
-    MemoryViolation, OstReport, RequestHandler, ResizeVirtioMemBody, SetBalloonBody,
-    VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
+    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, GuestRange, HostRss, MemoryBalloon,
+    MemoryDimm, MemoryInfo, MemoryPlanInfo, MemoryStatus, MemoryStep, MemoryViolation,
+    MemoryVirtioMem, NodeMemory, OstReport, PayloadInfo, RequestHandler, ResizeVirtioMemBody,
+    SetBalloonBody, SetMemoryBody, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
 };

@@ -26,9 +26,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
+use crate::ch::{self, ChReply};
 use crate::types::{
     AddDimmBody, ApiError, ApiRequest, ApiResponse, ErrorBody, RequestHandler, ResizeVirtioMemBody,
-    SetBalloonBody,
+    SetBalloonBody, SetMemoryBody,
 };
 
 /// Permissions of the API socket unless told otherwise: its owner only.
@@ -64,6 +65,8 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/balloon"),
     ("PUT", "/vm/dimms"),
     ("DELETE", "/vm/dimms/{id}"),
+    ("GET", "/vm/memory"),
+    ("PUT", "/vm/memory"),
 ];
 
 /// What `PUT /vm/balloon` takes, for error messages.
@@ -507,6 +510,8 @@ async fn serve_connection(
         async move { Ok::<_, Infallible>(serve_request(request, handler, handling).await) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
+        // Cloud Hypervisor's client looks for `Content-Length: ` spelled exactly so.
+        .title_case_headers(true)
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_READ_TIMEOUT)
         .max_buf_size(16 * 1024)
@@ -559,6 +564,9 @@ async fn serve_request(
     handling: Arc<AtomicUsize>,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path().to_owned();
+    if path.starts_with("/api/v1/") {
+        return serve_cloud_hypervisor_request(request, &path, handler).await;
+    }
     let Some(endpoint) = Endpoint::from_path(&path, request.method().as_str()) else {
         return error_response(&ApiError::not_found(format!(
             "unknown route {}; the API has {}",
@@ -596,6 +604,42 @@ async fn serve_request(
         Ok(Err(error)) => error_response(&error),
         Err(_) => error_response(&ApiError::internal("the VMM failed to handle the request")),
     }
+}
+
+/// Serves a Cloud Hypervisor route (see the `ch` module). Its clients send no
+/// Content-Type, which is fine: no route looks at it.
+async fn serve_cloud_hypervisor_request(
+    request: Request<Incoming>,
+    path: &str,
+    handler: Arc<dyn RequestHandler>,
+) -> Response<Full<Bytes>> {
+    let method = request.method().as_str().to_owned();
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(error) => return without_reason_phrase(error_response(&error)),
+    };
+    let call = match ch::parse(&method, path, &body) {
+        Ok(call) => call,
+        Err(error) => return without_reason_phrase(error_response(&error)),
+    };
+    let outcome = tokio::task::spawn_blocking(move || ch::execute(call, handler.as_ref())).await;
+    let response = match outcome {
+        Ok(Ok(ChReply::Empty)) => build_response(StatusCode::NO_CONTENT, None),
+        Ok(Ok(ChReply::Json(json))) => json_response(StatusCode::OK, serde_json::to_vec(&json)),
+        Ok(Err(error)) => error_response(&error),
+        Err(_) => error_response(&ApiError::internal("the VMM failed to handle the request")),
+    };
+    without_reason_phrase(response)
+}
+
+/// Cloud Hypervisor's client parses everything between `HTTP/1.1 ` and the end of the
+/// status line as the number, so its server sends no reason phrase (`HTTP/1.1 204 `);
+/// with hyper's `204 No Content` that client fails. Only its routes get this.
+fn without_reason_phrase(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    response
+        .extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(b""));
+    response
 }
 
 /// "GET /vm/info, PUT /vm/shutdown, ..." for error messages.
@@ -658,6 +702,8 @@ enum Endpoint {
     BalloonTarget,
     AddDimm,
     RemoveDimm { id: String },
+    MemoryStatus,
+    SetMemory,
 }
 
 impl Endpoint {
@@ -671,6 +717,8 @@ impl Endpoint {
             "/vm/shutdown" => Some(Endpoint::Shutdown),
             "/vm/reboot" => Some(Endpoint::Reboot),
             "/vm/dimms" => Some(Endpoint::AddDimm),
+            "/vm/memory" if method == "GET" => Some(Endpoint::MemoryStatus),
+            "/vm/memory" => Some(Endpoint::SetMemory),
             _ => {
                 if let Some(id) = path.strip_prefix("/vm/dimms/") {
                     return path_id(id).map(|id| Endpoint::RemoveDimm { id });
@@ -683,8 +731,9 @@ impl Endpoint {
 
     fn method(&self) -> &'static str {
         match self {
-            Endpoint::VmInfo | Endpoint::BalloonStatus => "GET",
-            Endpoint::Shutdown
+            Endpoint::VmInfo | Endpoint::BalloonStatus | Endpoint::MemoryStatus => "GET",
+            Endpoint::SetMemory
+            | Endpoint::Shutdown
             | Endpoint::Reboot
             | Endpoint::VirtioMem { .. }
             | Endpoint::BalloonTarget
@@ -705,7 +754,9 @@ impl Endpoint {
             | Endpoint::Reboot
             | Endpoint::VirtioMem { .. }
             | Endpoint::BalloonStatus
-            | Endpoint::BalloonTarget => StatusCode::OK,
+            | Endpoint::BalloonTarget
+            | Endpoint::MemoryStatus
+            | Endpoint::SetMemory => StatusCode::OK,
         }
     }
 
@@ -716,6 +767,25 @@ impl Endpoint {
             Endpoint::Reboot => expect_no_parameters(body).map(|()| ApiRequest::Reboot),
             Endpoint::BalloonStatus => {
                 expect_no_parameters(body).map(|()| ApiRequest::BalloonStatus)
+            }
+            Endpoint::MemoryStatus => expect_no_parameters(body).map(|()| ApiRequest::MemoryStatus),
+            Endpoint::SetMemory => {
+                const EXPECTED: &str = r#"{"size": <bytes or "6G">, "node": N}"#;
+                if is_blank(body) {
+                    return Err(ApiError::bad_request(format!(
+                        "missing request body: expected {EXPECTED}"
+                    )));
+                }
+                let json: serde_json::Value = parse_json(body)?;
+                if !json.is_object() {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid request body: expected {EXPECTED}"
+                    )));
+                }
+                let parsed: SetMemoryBody = serde_json::from_value(json).map_err(|error| {
+                    ApiError::bad_request(format!("invalid request body: {error}"))
+                })?;
+                Ok(ApiRequest::SetMemory(parsed))
             }
             Endpoint::BalloonTarget => {
                 let parsed: SetBalloonBody = parse_object(body, BALLOON_BODY)?;
@@ -832,6 +902,8 @@ fn success_response(response: ApiResponse, json_status: StatusCode) -> Response<
         ApiResponse::VmInfo(info) => serde_json::to_vec(&info),
         ApiResponse::Balloon(info) => serde_json::to_vec(&info),
         ApiResponse::Dimm(info) => serde_json::to_vec(&info),
+        ApiResponse::Memory(info) => serde_json::to_vec(&info),
+        ApiResponse::MemoryPlan(plan) => serde_json::to_vec(&plan),
     };
     json_response(json_status, json)
 }
@@ -861,6 +933,9 @@ fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
 
 fn build_response(status: StatusCode, json: Option<Vec<u8>>) -> Response<Full<Bytes>> {
     let has_body = json.is_some();
+    // A `Full` body has an exact length, so hyper sends `Content-Length` (which Cloud
+    // Hypervisor's client needs to find the body) on every answer but a 204, where RFC 9110
+    // forbids it and that client stops at the end of the headers anyway.
     let mut response = Response::new(Full::new(Bytes::from(json.unwrap_or_default())));
     *response.status_mut() = status;
     if has_body {

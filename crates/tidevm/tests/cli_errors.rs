@@ -377,3 +377,25 @@ fn ctl_fails_with_the_servers_message() {
     expect_error(&["ctl", "--api-socket", socket, "reboot"], &["on fire"]);
     drop(server);
 }
+
+#[test]
+fn ctl_memory_with_a_bad_size() {
+    expect_error(
+        &[
+            "ctl",
+            "--api-socket",
+            "/nonexistent/tidevm.sock",
+            "memory",
+            "6X",
+        ],
+        &["6X"],
+    );
+}
+
+#[test]
+fn ctl_memory_without_a_vm() {
+    expect_error(
+        &["ctl", "--api-socket", "/nonexistent", "memory"],
+        &["/nonexistent"],
+    );
+}

@@ -339,8 +339,7 @@ impl Vmm {
         let answer = match request {
             ApiRequest::VmInfo => Ok(ApiResponse::VmInfo(api::vm_info(
                 self.vm.as_ref().map(|vm| &vm.memory),
-                u32::from(self.config.cpus),
-                self.config.memory.size,
+                &self.config,
             ))),
             ApiRequest::Shutdown => {
                 self.stop_vm();

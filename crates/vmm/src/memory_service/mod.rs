@@ -9,6 +9,7 @@
 
 mod dimms;
 mod errors;
+mod plan;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -72,6 +73,8 @@ pub struct MemorySettings {
     pub balloon: Option<BalloonDeviceConfig>,
     /// NUMA nodes (at least 1).
     pub numa_nodes: u32,
+    /// Boot RAM per NUMA node (one node 0 without `--numa`).
+    pub boot_by_node: Vec<(u32, u64)>,
     /// What a guest touching memory it does not own costs it.
     pub violation_policy: ViolationPolicy,
     /// Violations so far (they outlive a reboot: they describe the guest, not one boot).
@@ -87,6 +90,11 @@ impl MemorySettings {
             dimms: config.dimms.clone(),
             balloon: config.balloon.clone(),
             numa_nodes: config.numa.len().max(1) as u32,
+            boot_by_node: if config.numa.is_empty() {
+                vec![(0, config.memory.size)]
+            } else {
+                config.numa.iter().map(|n| (n.id, n.memory)).collect()
+            },
             violation_policy: config.violation_policy,
             violations: ViolationLog::default(),
         }
