@@ -42,6 +42,9 @@ enum BenchCommand {
     /// Soak: batches of virtio-mem, balloon and DIMM resize cycles in one guest; failed
     /// requests, the VMM's RSS slope, fds and threads.
     Soak(super::bench_soak::SoakArgs),
+    /// Host memory left behind by a virtio-mem round trip (with and without free page
+    /// reporting), and the RSS cost of DIMM slots.
+    Rss(super::bench_rss::RssArgs),
 }
 
 /// Options shared by every benchmark.
@@ -101,6 +104,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
             &balloon.common,
             json!({ "size": balloon.size, "touch_mib": balloon.touch, "memory": balloon.memory }),
             super::bench_balloon::run(&lane, balloon),
+        ),
+        BenchCommand::Rss(rss) => (
+            "rss",
+            &rss.common,
+            json!({ "settle_seconds": rss.settle }),
+            super::bench_rss::run(&lane, rss),
         ),
         BenchCommand::Soak(soak) => (
             "soak",

@@ -3,6 +3,7 @@
 mod bench;
 mod bench_balloon;
 mod bench_dimm;
+mod bench_rss;
 mod bench_soak;
 mod bench_virtio_mem;
 mod ctl;
