@@ -78,19 +78,19 @@ fn one_run(lane: &Lane, args: &RssArgs) -> Result<Vec<Metric>, String> {
         "plain_ready",
         "plain: RSS ready",
         Unit::Bytes,
-        mib(ready),
+        bytes(ready),
     ));
     metrics.push(metric(
         "plain_plugged",
         "plain: RSS at +2 GiB",
         Unit::Bytes,
-        mib(plugged),
+        bytes(plugged),
     ));
     metrics.push(metric(
         "plain_after",
         "plain: RSS back at 0",
         Unit::Bytes,
-        mib(after),
+        bytes(after),
     ));
     metrics.push(metric(
         "plain_left",
@@ -125,7 +125,7 @@ fn one_run(lane: &Lane, args: &RssArgs) -> Result<Vec<Metric>, String> {
         "slots_ready",
         "slots=4,maxmem=5G: RSS ready",
         Unit::Bytes,
-        mib(slots_total),
+        bytes(slots_total),
     ));
     metrics.push(metric(
         "slots_guest_extra",
