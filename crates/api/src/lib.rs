@@ -45,8 +45,9 @@ pub use server::{
 };
 pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
-    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, GuestRange, HostRss, MemoryBalloon,
-    MemoryDimm, MemoryInfo, MemoryPlanInfo, MemoryStatus, MemoryStep, MemoryViolation,
-    MemoryVirtioMem, NodeMemory, OstReport, PayloadInfo, RequestHandler, ResizeVirtioMemBody,
-    SetBalloonBody, SetMemoryBody, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
+    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, Event, EventRecord, GuestRange,
+    HostRss, MemoryBalloon, MemoryDimm, MemoryInfo, MemoryPlanInfo, MemoryStatus, MemoryStep,
+    MemoryViolation, MemoryVirtioMem, NodeMemory, OstReport, PayloadInfo, RequestHandler,
+    ResizeVirtioMemBody, SetBalloonBody, SetMemoryBody, VirtioMemCounters, VirtioMemInfo, VmInfo,
+    VmState,
 };

@@ -507,7 +507,7 @@ async fn serve_connection(
     let service = hyper::service::service_fn(move |request| {
         let handler = Arc::clone(&handler);
         let handling = Arc::clone(&service_handling);
-        async move { Ok::<_, Infallible>(serve_request(request, handler, handling).await) }
+        async move { Ok::<_, Infallible>(route(request, handler, handling).await) }
     });
     let connection = hyper::server::conn::http1::Builder::new()
         // Cloud Hypervisor's client looks for `Content-Length: ` spelled exactly so.
@@ -540,6 +540,103 @@ async fn serve_connection(
             Err(_elapsed) => {}
         }
     }
+}
+
+/// Any response body: a whole one, or the event stream.
+type AnyBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `GET /vm/events` streams; everything else is answered whole.
+async fn route(
+    request: Request<Incoming>,
+    handler: Arc<dyn RequestHandler>,
+    handling: Arc<AtomicUsize>,
+) -> Response<AnyBody> {
+    if request.uri().path() == EVENTS_PATH {
+        if request.method() != hyper::Method::GET {
+            let mut response = error_response(&ApiError::method_not_allowed(format!(
+                "method {} is not allowed on {EVENTS_PATH}; use GET",
+                request.method()
+            )));
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET"));
+            return response.map(|b| b.boxed());
+        }
+        return serve_events(handler, handling).await;
+    }
+    serve_request(request, handler, handling)
+        .await
+        .map(|b| b.boxed())
+}
+
+/// The path of the event stream.
+const EVENTS_PATH: &str = "/vm/events";
+/// Routes answered with a stream rather than a whole body.
+pub(crate) const STREAM_ROUTES: &[(&str, &str)] = &[("GET", EVENTS_PATH)];
+/// Event lines buffered between the forwarding thread and the connection.
+const EVENT_STREAM_BUFFER: usize = 64;
+
+/// The event stream's body: lines as they come, until the VMM ends the subscription. While
+/// it lives the connection counts as busy, so it is not evicted for an idle one.
+struct EventBody {
+    lines: tokio::sync::mpsc::Receiver<Bytes>,
+    _handling: Handling,
+}
+
+impl hyper::body::Body for EventBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.lines
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(hyper::body::Frame::data(l))))
+    }
+}
+
+/// `GET /vm/events`: newline-delimited JSON, kept open. The VMM hands out a bounded queue
+/// per subscriber and never waits on it (a subscriber that stops reading loses events and
+/// is told how many); a thread here moves lines from that queue to the connection.
+async fn serve_events(
+    handler: Arc<dyn RequestHandler>,
+    handling: Arc<AtomicUsize>,
+) -> Response<AnyBody> {
+    let subscription = match tokio::task::spawn_blocking(move || handler.subscribe_events()).await {
+        Ok(Ok(subscription)) => subscription,
+        Ok(Err(error)) => return error_response(&error).map(|b| b.boxed()),
+        Err(_) => {
+            return error_response(&ApiError::internal("the VMM failed to subscribe"))
+                .map(|b| b.boxed())
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(EVENT_STREAM_BUFFER);
+    tokio::task::spawn_blocking(move || loop {
+        match subscription.recv_timeout(Duration::from_secs(1)) {
+            // The bus probes for gone subscribers with empty items.
+            Ok(line) if line.is_empty() => {}
+            Ok(line) => {
+                if tx.blocking_send(Bytes::from(line + "\n")).is_err() {
+                    return;
+                }
+            }
+            // Checks now and then whether the client went away.
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !tx.is_closed() => {}
+            Err(_) => return,
+        }
+    });
+    let body = EventBody {
+        lines: rx,
+        _handling: Handling::start(handling),
+    };
+    let mut response = Response::new(body.boxed());
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
 }
 
 /// Counts a request as being with the handler while it lives.
@@ -646,6 +743,7 @@ fn without_reason_phrase(mut response: Response<Full<Bytes>>) -> Response<Full<B
 fn route_list() -> String {
     let routes: Vec<String> = ROUTES
         .iter()
+        .chain(STREAM_ROUTES)
         .map(|(method, path)| format!("{method} {path}"))
         .collect();
     routes.join(", ")

@@ -1083,6 +1083,7 @@ fn openapi_document_lists_exactly_the_routes() {
     let mut routed: Vec<(String, String)> = ROUTES
         .iter()
         .chain(crate::ch::CH_ROUTES)
+        .chain(crate::server::STREAM_ROUTES)
         .map(|(method, path)| (method.to_string(), path.to_string()))
         .collect();
     routed.sort();
@@ -1566,4 +1567,52 @@ fn cloud_hypervisors_ch_remote_drives_the_api() {
             }),
         ]
     );
+}
+
+/// `GET /vm/events` streams the handler's subscription line by line, as it comes.
+#[test]
+fn events_stream_line_by_line() {
+    struct Publisher(Mutex<Option<std::sync::mpsc::Receiver<String>>>);
+    impl RequestHandler for Publisher {
+        fn handle(&self, _request: ApiRequest) -> Result<ApiResponse, ApiError> {
+            Err(ApiError::internal("not used"))
+        }
+        fn subscribe_events(&self) -> Result<std::sync::mpsc::Receiver<String>, ApiError> {
+            self.0
+                .lock()
+                .unwrap()
+                .take()
+                .ok_or_else(|| ApiError::conflict("one subscriber only"))
+        }
+    }
+    let dir = TempDir::new();
+    let server = ApiServer::bind(&dir.socket()).unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(16);
+    server
+        .spawn(Arc::new(Publisher(Mutex::new(Some(rx)))))
+        .unwrap();
+    let client = ApiClient::new(dir.socket()).with_timeout(Duration::from_secs(10));
+    let publisher = std::thread::spawn(move || {
+        for i in 0..3 {
+            std::thread::sleep(Duration::from_millis(50));
+            tx.send(format!("{{\"seq\": {i}}}")).unwrap();
+        }
+        // Keeps the stream open until the client has read all three.
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let mut lines = Vec::new();
+    client
+        .events(|line| {
+            lines.push(line.to_owned());
+            lines.len() < 3
+        })
+        .unwrap();
+    assert_eq!(lines, vec!["{\"seq\": 0}", "{\"seq\": 1}", "{\"seq\": 2}"]);
+    publisher.join().unwrap();
+    // A second subscriber is refused with the handler's status and message.
+    let error = client.events(|_| true).unwrap_err();
+    assert!(error.to_string().contains("one subscriber only"), "{error}");
+    // Another method on the path is a 405.
+    let (status, _) = client.call("PUT", "/vm/events", None).unwrap();
+    assert_eq!(status, 405);
 }

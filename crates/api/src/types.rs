@@ -569,6 +569,114 @@ impl ApiError {
 pub trait RequestHandler: Send + Sync + 'static {
     /// Carry out `request`.
     fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError>;
+
+    /// A new subscription to the VMM's events (`GET /vm/events`): one JSON [`Event`] per
+    /// line. `Err` when the VMM publishes none or has as many subscribers as it serves.
+    fn subscribe_events(&self) -> Result<std::sync::mpsc::Receiver<String>, ApiError> {
+        Err(ApiError::not_found("this VMM publishes no events"))
+    }
+}
+
+/// One event of `GET /vm/events`, as a JSON line: `{"seq": n, "ms": t, "event": "...", ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Sequence number, from 1, without gaps unless events were lost (see `Lost`).
+    pub seq: u64,
+    /// Milliseconds since the VMM started.
+    pub ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What the VMM reports as it happens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A resize was asked of a mechanism (`virtio-mem`, `balloon`, `dimm`).
+    ResizeStarted {
+        /// The mechanism.
+        mechanism: String,
+        /// The device (virtio-mem id, DIMM id, `balloon`).
+        device: String,
+        /// The size asked for, in bytes.
+        target_bytes: u64,
+    },
+    /// The guest moved towards a target.
+    ResizeProgress {
+        /// The mechanism.
+        mechanism: String,
+        /// The device.
+        device: String,
+        /// Where it is now, in bytes.
+        current_bytes: u64,
+        /// The target, in bytes.
+        target_bytes: u64,
+    },
+    /// The guest reached a target.
+    ResizeFinished {
+        /// The mechanism.
+        mechanism: String,
+        /// The device.
+        device: String,
+        /// The size reached, in bytes.
+        bytes: u64,
+    },
+    /// A resize could not complete (the guest answered BUSY, refused an eject, ...).
+    ResizeFailed {
+        /// The mechanism.
+        mechanism: String,
+        /// The device.
+        device: String,
+        /// Why.
+        reason: String,
+    },
+    /// `PUT /vm/memory` planned a total: its steps follow as `resize_started` events.
+    MemoryPlanned {
+        /// The total asked for, in bytes.
+        target_total_bytes: u64,
+        /// The steps, in words.
+        steps: Vec<String>,
+    },
+    /// The guest answered an ACPI event about a DIMM slot (`_OST`).
+    Ost {
+        /// The slot.
+        slot: u32,
+        /// The ACPI event.
+        acpi_event: u32,
+        /// The status code.
+        status: u32,
+        /// Both, in words.
+        meaning: String,
+    },
+    /// The guest touched memory it does not own.
+    MemoryViolation {
+        /// Guest-physical address, if KVM gave one.
+        gpa: Option<u64>,
+        /// `read`, `write` or `unknown`.
+        access: String,
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// The balloon noticed something about the guest (reused pages, stale statistics).
+    BalloonWarning {
+        /// What.
+        message: String,
+    },
+    /// The memory autopilot decided something, with what made it decide.
+    AutopilotDecision {
+        /// The decision, in words.
+        decision: String,
+        /// The target it set, if any, in bytes.
+        target_bytes: Option<u64>,
+        /// The inputs, as name/value pairs.
+        inputs: std::collections::BTreeMap<String, i64>,
+    },
+    /// This subscriber did not read fast enough: `count` events were dropped for it.
+    Lost {
+        /// Events dropped.
+        count: u64,
+    },
 }
 
 /// Parse a byte size: a plain number of bytes, or a number followed by a

@@ -31,6 +31,7 @@ use crate::devices::virtio::transport_pci::{
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
+use crate::events::EventBus;
 use crate::memory::placement::{plan_hotplug_area, HotplugPlan};
 use crate::memory::{DimmMemoryError, HotplugRegionId, MemoryManager};
 use crate::memory_service::{MemoryDevices, MemoryService, MemorySettings};
@@ -258,6 +259,7 @@ pub fn build_vm(
     config: &VmConfig,
     console: &Console,
     exit: &ExitRequester,
+    events: &Arc<EventBus>,
 ) -> Result<RunningVm, BuildError> {
     let vm_fd = Arc::new(vm::create_vm(kvm)?);
     let layout = GuestLayout::new(config.memory.size);
@@ -373,6 +375,7 @@ pub fn build_vm(
             dimms,
         },
         settings,
+        events.clone(),
     );
     Ok(RunningVm {
         vcpus,

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{build_vm, BuildError, RunningVm};
 use crate::config::VmConfig;
 use crate::console::{Console, ConsoleError};
+use crate::events::EventBus;
 use crate::memory_service::{ViolationLog, ViolationOutcome};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus};
 use crate::vstate::vm::{open_kvm, VmError};
@@ -90,11 +91,17 @@ const API_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Forwards API requests from the server's threads to the control loop.
 pub struct ApiBridge {
     events: ControlSender,
+    /// The event stream, subscribed to without going through the control loop.
+    bus: Arc<EventBus>,
     /// How long to wait for the control loop's answer ([`API_REPLY_TIMEOUT`]).
     reply_timeout: Duration,
 }
 
 impl RequestHandler for ApiBridge {
+    fn subscribe_events(&self) -> Result<std::sync::mpsc::Receiver<String>, ApiError> {
+        self.bus.subscribe()
+    }
+
     fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
         let (reply_tx, reply_rx) = channel();
         if !self.events.send(ControlEvent::Api(request, reply_tx)) {
@@ -137,6 +144,8 @@ pub struct Vmm {
     epoll: Epoll,
     /// What each epoll token (minus one) stands for: a virtio device and one of its queues.
     queue_tokens: Vec<(usize, usize)>,
+    /// The event stream.
+    bus: Arc<EventBus>,
 }
 
 impl Vmm {
@@ -159,6 +168,7 @@ impl Vmm {
             vm: None,
             epoll,
             queue_tokens: Vec::new(),
+            bus: Arc::new(EventBus::new()),
         })
     }
 
@@ -170,6 +180,7 @@ impl Vmm {
     pub fn api_handler(&self) -> Result<Arc<dyn RequestHandler>, VmmError> {
         Ok(Arc::new(ApiBridge {
             events: self.sender()?,
+            bus: self.bus.clone(),
             reply_timeout: API_REPLY_TIMEOUT,
         }))
     }
@@ -182,7 +193,7 @@ impl Vmm {
         let exit = ExitRequester::new(move |reason| {
             sender.send(ControlEvent::VmExit { generation, reason });
         });
-        let mut vm = build_vm(&self.kvm, &self.config, &self.console, &exit)?;
+        let mut vm = build_vm(&self.kvm, &self.config, &self.console, &exit, &self.bus)?;
         vm.memory.carry_violations(violations);
         self.watch_events(&vm)?;
         self.vm = Some(vm);
@@ -379,6 +390,7 @@ mod bridge_tests {
         (
             ApiBridge {
                 events,
+                bus: Arc::new(EventBus::new()),
                 reply_timeout,
             },
             rx,

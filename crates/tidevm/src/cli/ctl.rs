@@ -21,6 +21,13 @@ pub struct CtlArgs {
 enum CtlCommand {
     /// Print the VM's state, vCPUs and memory layout as JSON.
     Info,
+    /// Print the VM's events as they happen, one JSON object per line (resizes, plans,
+    /// _OST answers, violations, balloon warnings, autopilot decisions).
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Stop the VM now (no guest shutdown).
     Shutdown,
     /// Reset the VM and boot it again.
@@ -132,6 +139,14 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
         CtlCommand::Info => {
             let info = client.vm_info()?;
             println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        CtlCommand::Events { count } => {
+            let mut left = count;
+            client.events(|line| {
+                println!("{line}");
+                left = left.map(|n| n.saturating_sub(1));
+                left != Some(0)
+            })?;
         }
         CtlCommand::Shutdown => client.shutdown()?,
         CtlCommand::Reboot => client.reboot()?,

@@ -10,6 +10,7 @@
 mod dimms;
 mod errors;
 mod plan;
+mod progress;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -27,8 +28,10 @@ use crate::devices::virtio::balloon::device::STATS_QUEUE;
 use crate::devices::virtio::balloon::{BalloonDevice, BalloonStatus};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemMetrics, VirtioMemStatus};
 use crate::devices::virtio::transport_pci::VirtioPciDevice;
+use crate::events::EventBus;
 use crate::memory::{MemoryManager, ResidentSplit};
 use crate::vstate::Access;
+use tidevm_api::Event;
 
 /// A virtio-mem device on PCI.
 pub type VirtioMemHandle = Arc<Mutex<VirtioPciDevice<VirtioMem>>>;
@@ -150,6 +153,8 @@ pub struct MemoryService {
     dimms: Option<DimmHotplug>,
     settings: MemorySettings,
     next_stats: Option<Instant>,
+    events: Arc<EventBus>,
+    progress: progress::Progress,
 }
 
 impl std::fmt::Debug for MemoryService {
@@ -168,7 +173,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl MemoryService {
     /// The service for one boot.
-    pub fn new(devices: MemoryDevices, settings: MemorySettings) -> Self {
+    pub fn new(devices: MemoryDevices, settings: MemorySettings, events: Arc<EventBus>) -> Self {
         MemoryService {
             manager: devices.manager,
             vm_fd: devices.vm_fd,
@@ -177,7 +182,14 @@ impl MemoryService {
             dimms: devices.dimms,
             settings,
             next_stats: None,
+            events,
+            progress: progress::Progress::default(),
         }
+    }
+
+    /// Publishes `event` on the event stream.
+    fn publish(&self, event: Event) {
+        self.events.publish(event);
     }
 
     /// The settings to carry into the next boot.
@@ -229,6 +241,11 @@ impl MemoryService {
         // Remembered for the next boot: after a reboot the guest plugs back up to it.
         self.settings.virtio_mem[index].requested = bytes;
         tracing::info!("virtio-mem {id}: requested size now {bytes} bytes");
+        self.publish(Event::ResizeStarted {
+            mechanism: progress::VIRTIO_MEM.into(),
+            device: id.to_owned(),
+            target_bytes: bytes,
+        });
         Ok(())
     }
 
@@ -263,6 +280,11 @@ impl MemoryService {
             balloon.size = bytes;
         }
         tracing::info!("balloon target now {bytes} bytes");
+        self.publish(Event::ResizeStarted {
+            mechanism: progress::BALLOON.into(),
+            device: progress::BALLOON.into(),
+            target_bytes: bytes,
+        });
         Ok(())
     }
 
@@ -288,8 +310,21 @@ impl MemoryService {
         Ok((status, ram, audit))
     }
 
-    /// Runs what is due on the timer: the balloon's statistics request and reuse scan.
+    /// Runs what is due on the timer: the balloon's statistics request and reuse scan, and
+    /// the progress events of resizes under way (looked at every [`progress::INTERVAL`]
+    /// while one is).
     pub fn tick(&mut self, now: Instant) -> Tick {
+        let stats = self.tick_balloon(now);
+        let in_flight = self.report_progress();
+        let next_in = match (stats.next_in, in_flight) {
+            (Some(next), true) => Some(next.min(progress::INTERVAL)),
+            (None, true) => Some(progress::INTERVAL),
+            (next, false) => next,
+        };
+        Tick { next_in, ..stats }
+    }
+
+    fn tick_balloon(&mut self, now: Instant) -> Tick {
         let Some(balloon) = self.balloon.clone() else {
             return Tick::default();
         };
@@ -310,7 +345,17 @@ impl MemoryService {
             .device_mut()
             .request_stats(&guest_memory, &self.manager);
         transport.raise(signal, STATS_QUEUE);
+        let reused_before = transport.device().status().reused.reused_pages;
         let stop_for_reuse = transport.device_mut().scan_for_reuse(&self.manager);
+        let reused = transport.device().status().reused.reused_pages;
+        drop(transport);
+        if reused > reused_before {
+            self.publish(Event::BalloonWarning {
+                message: format!(
+                    "the guest wrote {reused} pages it had inflated, without deflating them first"
+                ),
+            });
+        }
         self.next_stats = Some(now + interval);
         Tick {
             next_in: Some(interval),
@@ -355,6 +400,16 @@ impl MemoryService {
             access,
             vcpu,
             device,
+        });
+        self.publish(Event::MemoryViolation {
+            gpa,
+            access: match access {
+                Access::Read => "read",
+                Access::Write => "write",
+                Access::Unknown => "unknown",
+            }
+            .into(),
+            vcpu: u32::from(vcpu),
         });
         match self.settings.violation_policy {
             ViolationPolicy::Stop => ViolationOutcome::Stop,

@@ -58,6 +58,10 @@ impl MemoryService {
         node: Option<u32>,
     ) -> Result<MemoryPlan, MemoryRequestError> {
         let plan = planner::plan(&self.memory_state(), size, node)?;
+        self.publish(tidevm_api::Event::MemoryPlanned {
+            target_total_bytes: plan.target_total,
+            steps: plan.steps.iter().map(|s| format!("{s:?}")).collect(),
+        });
         for (done, step) in plan.steps.iter().enumerate() {
             let outcome = match step {
                 PlanStep::SetVirtioMem { id, requested } => self.resize_virtio_mem(id, *requested),
