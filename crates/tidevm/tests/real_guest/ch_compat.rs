@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
+use tidevm_testlane::text::shell_quote;
+use tidevm_testlane::{Guest, GuestOptions, L1Thp, Lane, Result};
 
 use crate::foundation::{check, mem_total_kib, memtouch, BOOT};
 use crate::virtio_mem::{finish, wait_mem_total};
@@ -94,9 +95,22 @@ fn ch_remote_resizes(lane: &Lane) -> Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect(),
+        // The balloon inflates after the guest touched 768 MiB: THP off in the nested lane.
+        l1_thp: L1Thp::Never,
         ..GuestOptions::default()
     })?;
     guest.wait_ready(BOOT)?;
+    // The event stream, recorded for the whole scenario and checked at the end.
+    let events_log = format!("{}.events", guest.api_socket());
+    lane.sh(
+        &format!(
+            "({} ctl --api-socket {} events > {} 2>&1 &)",
+            shell_quote(lane.lane_tidevm()),
+            shell_quote(&guest.api_socket()),
+            shell_quote(&events_log)
+        ),
+        Duration::from_secs(60),
+    )?;
 
     let ping = ch_remote_ok(&guest, &["ping"])?;
     check(
@@ -220,5 +234,45 @@ fn ch_remote_resizes(lane: &Lane) -> Result<()> {
         format!("counters: {counters}"),
     )?;
     eprintln!("ch_compat: boot RSS {boot_rss} MiB");
+    check_events(lane, &guest, &events_log)?;
     finish(&guest)
+}
+
+/// The event stream saw the plans, each mechanism's resizes start and finish, and
+/// progress of the long unplug.
+fn check_events(lane: &Lane, guest: &Guest, log: &str) -> Result<()> {
+    let (_, events) = lane.sh(
+        &format!("cat {}", shell_quote(log)),
+        Duration::from_secs(60),
+    )?;
+    let count = |needle: &str| events.lines().filter(|l| l.contains(needle)).count();
+    eprintln!(
+        "ch_compat events: {} lines, {} plans, {} started, {} progress, {} finished",
+        events.lines().count(),
+        count("\"memory_planned\""),
+        count("\"resize_started\""),
+        count("\"resize_progress\""),
+        count("\"resize_finished\"")
+    );
+    let has = |event: &str, mechanism: Option<&str>| {
+        events.lines().any(|l| {
+            l.contains(&format!("\"event\":\"{event}\""))
+                && mechanism.is_none_or(|m| l.contains(&format!("\"mechanism\":\"{m}\"")))
+        })
+    };
+    let wanted = [
+        ("memory_planned", None),
+        ("resize_started", Some("virtio-mem")),
+        ("resize_finished", Some("virtio-mem")),
+        ("resize_started", Some("balloon")),
+        ("resize_finished", Some("balloon")),
+    ];
+    for (event, mechanism) in wanted {
+        check(
+            has(event, mechanism),
+            guest,
+            format!("no {event} ({mechanism:?}) on the event stream:\n{events}"),
+        )?;
+    }
+    Ok(())
 }
