@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_balloon;
+mod bench_boot_vs;
 mod bench_dimm;
 mod bench_rss;
 mod bench_soak;
