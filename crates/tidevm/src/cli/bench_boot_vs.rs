@@ -117,7 +117,7 @@ fn one_run(lane: &Lane, args: &BootVsArgs, ch: &str, run: u32) -> Result<Vec<Met
         m(
             "ratio_first",
             "tidevm / CH, first output",
-            Unit::Count,
+            Unit::Ratio,
             t.0 / c.0,
         ),
         m(
@@ -130,7 +130,7 @@ fn one_run(lane: &Lane, args: &BootVsArgs, ch: &str, run: u32) -> Result<Vec<Met
         m(
             "ratio_ready",
             "tidevm / CH, ready marker",
-            Unit::Count,
+            Unit::Ratio,
             t.1 / c.1,
         ),
     ])
