@@ -94,6 +94,8 @@ use crate::devices::virtio::balloon::BalloonStatus;
 pub const POLICY_ALIGN: u64 = 128 << 20;
 /// Longest duration a policy option takes (a day); longer ones are typing errors.
 pub const MAX_POLICY_DURATION: Duration = Duration::from_secs(24 * 60 * 60);
+/// Two arrival times of statistics closer than this are one sample seen twice.
+const SAME_SAMPLE_JITTER: Duration = Duration::from_millis(100);
 /// Statistics older than this many intervals are stale.
 pub const STALE_AFTER_INTERVALS: u32 = 3;
 
@@ -124,9 +126,11 @@ pub struct PolicyConfig {
     pub shrink_hold: Duration,
     /// Largest shrink per interval under host pressure (`pressure-step=`, 1 GiB).
     pub pressure_step: u64,
-    /// Host pressure when memory PSI `some` avg10 reaches this (`psi-some=`, 10 %).
+    /// Host pressure when memory PSI `some` avg10 reaches this (`psi-some=`, 10 %; 0 turns
+    /// the check off).
     pub psi_some: Centipercent,
-    /// Host pressure when memory PSI `full` avg10 reaches this (`psi-full=`, 5 %).
+    /// Host pressure when memory PSI `full` avg10 reaches this (`psi-full=`, 5 %; 0 turns
+    /// the check off).
     pub psi_full: Centipercent,
     /// Host pressure when the host's MemAvailable falls below this (`host-low=`, 512 MiB; 0
     /// turns the check off).
@@ -750,9 +754,14 @@ fn host_pressure(config: &PolicyConfig, host: Option<&HostPressure>, was: bool) 
     } else {
         (config.psi_some, config.psi_full, config.host_low)
     };
-    let psi = host
-        .psi
-        .is_some_and(|p| p.some_avg10 >= psi_some.max(1) || p.full_avg10 >= psi_full.max(1));
+    // A threshold of 0 turns its check off (halving keeps a configured threshold above 0).
+    let crossed = |value: Centipercent, configured: Centipercent, threshold: Centipercent| {
+        configured > 0 && value >= threshold.max(1)
+    };
+    let psi = host.psi.is_some_and(|p| {
+        crossed(p.some_avg10, config.psi_some, psi_some)
+            || crossed(p.full_avg10, config.psi_full, psi_full)
+    });
     let low = config.host_low > 0 && host.mem_available.is_some_and(|a| a < host_low);
     psi || low
 }
@@ -1037,8 +1046,8 @@ pub struct Autopilot {
     state: PolicyState,
     /// The balloon's cumulative reported-free counter at the previous call.
     reported_free_seen: Option<u64>,
-    /// The last statistics and when they arrived.
-    last_stats: Option<(std::collections::BTreeMap<String, u64>, Duration)>,
+    /// When the last statistics arrived.
+    last_arrival: Option<Duration>,
 }
 
 impl Autopilot {
@@ -1048,7 +1057,7 @@ impl Autopilot {
             config,
             state: PolicyState::default(),
             reported_free_seen: None,
-            last_stats: None,
+            last_arrival: None,
         }
     }
 
@@ -1075,13 +1084,18 @@ impl Autopilot {
         self.reported_free_seen = reported_total;
         let stats = balloon.and_then(|b| b.stats.as_ref());
         // The same statistics seen again keep their first arrival time: `now - age` moves by
-        // the clock's jitter between ticks and would shorten the interval fault rates use.
-        let at = match (stats, &self.last_stats) {
-            (Some(s), Some((values, at))) if *values == s.values => Some(*at),
-            (Some(s), _) => Some(now.saturating_sub(s.age)),
-            (None, _) => None,
-        };
-        self.last_stats = stats.zip(at).map(|(s, at)| (s.values.clone(), at));
+        // the jitter between the two clock reads, and would otherwise look like a new sample
+        // arriving a few microseconds after the last one (and shorten the interval over which
+        // fault rates are computed). Samples come at least a second apart (stats-interval is
+        // in whole seconds), so anything closer is the same one.
+        let at = stats.map(|s| {
+            let at = now.saturating_sub(s.age);
+            match self.last_arrival {
+                Some(last) if at.abs_diff(last) < SAME_SAMPLE_JITTER => last,
+                _ => at,
+            }
+        });
+        self.last_arrival = at.or(self.last_arrival);
         let guest = stats
             .zip(at)
             .and_then(|(s, at)| GuestSample::from_stats(&s.values, at));

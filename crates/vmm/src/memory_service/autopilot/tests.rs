@@ -482,6 +482,23 @@ fn host_low_memory_is_pressure_too() {
     let c = config("auto,min=1G,max=8G,host-low=0");
     let mut s = PolicyState::default();
     assert_eq!(decide(&c, &mut s, &i), Decision::Hold);
+    // So do psi-some=0 and psi-full=0, whatever the PSI.
+    i.host = Some(HostPressure {
+        psi: Some(MemoryPsi {
+            some_avg10: 9000,
+            full_avg10: 9000,
+        }),
+        mem_available: None,
+    });
+    let c = config("auto,min=1G,max=8G,psi-some=0,psi-full=0");
+    let mut s = PolicyState::default();
+    assert_eq!(decide(&c, &mut s, &i), Decision::Hold);
+    let c = config("auto,min=1G,max=8G,psi-some=0");
+    let mut s = PolicyState::default();
+    assert!(matches!(
+        target_of(&decide(&c, &mut s, &i)),
+        Some((_, ResizeReason::HostPressure))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1016,6 +1033,35 @@ fn autopilot_tick_reads_the_balloon_status() {
     };
     assert_eq!(target, 3584 * MIB);
     assert_eq!(evidence.reported_free_since_last, 128 * MIB);
+    // The same statistics a moment later, with the clock reads a few microseconds apart:
+    // one sample, still judged by its arrival; and an idle guest whose values do not change
+    // still sends fresh samples.
+    let mut idle = Autopilot::new(config("auto,min=1G,max=8G"));
+    let mut quiet = status.clone();
+    if let Some(stats) = quiet.stats.as_mut() {
+        stats.values.insert("available_memory".to_string(), 4 * GIB);
+        stats.values.insert("free_memory".to_string(), 4 * GIB);
+        stats.age = Duration::from_micros(1);
+    }
+    let mut last = Decision::Hold;
+    for tick in 0..40u64 {
+        if let Some(stats) = quiet.stats.as_mut() {
+            // A new sample every 2 s; between them the same one, older.
+            stats.age = Duration::from_millis((tick % 2) * 1000) + Duration::from_micros(tick);
+        }
+        last = idle.tick(secs(tick), 6 * GIB, Some(&quiet), None);
+        if last != Decision::Hold {
+            break;
+        }
+    }
+    let Decision::Resize {
+        reason, evidence, ..
+    } = last
+    else {
+        panic!("an idle guest with fresh, unchanging statistics never shrank")
+    };
+    assert_eq!(reason, ResizeReason::SustainedSurplus);
+    assert!(evidence.guest.unwrap().age < secs(2), "{evidence:?}");
     // No balloon: nothing to go by, and in range.
     let mut blind = Autopilot::new(config("auto,min=1G,max=8G"));
     assert_eq!(blind.tick(secs(1), 2 * GIB, None, None), Decision::Hold);
