@@ -600,7 +600,7 @@ struct SimGuest {
     oom_kills: u64,
     alloc_stalls: u64,
     major_faults: u64,
-    /// Bytes the workload asked for and did not get.
+    /// Seconds in which the workload asked for memory and did not get all of it.
     failed: u64,
 }
 
@@ -627,7 +627,7 @@ impl SimGuest {
             }
             let grant = extra.min(capacity - self.anon);
             if grant < extra {
-                self.failed += extra - grant;
+                self.failed += 1;
                 self.oom_kills += 1;
             }
             self.anon += grant;
@@ -763,12 +763,12 @@ struct Summary {
     worst_reaction_s: u64,
     largest_shrink_step: u64,
     largest_pressure_step: u64,
-    failed_mib: u64,
+    failed_seconds: u64,
 }
 
 fn check(c: &PolicyConfig, run: &Run) -> Summary {
     let mut summary = Summary {
-        failed_mib: run.failed / MIB,
+        failed_seconds: run.failed,
         ..Summary::default()
     };
     let mut last_direction: Option<bool> = None;
@@ -890,9 +890,9 @@ fn trace_ramp_hold_release_burst() {
         }
         assert!(s.grows >= 2 && s.shrinks >= 2, "{s:?}");
         assert_eq!(s.largest_shrink_step, c.shrink_step, "{s:?}");
-        // The ramp (100 MiB/s) never outruns the margin; the burst (512 MiB/s) may, by at
-        // most what it adds between two ticks beyond the margin.
-        assert!(s.failed_mib <= 512, "{s:?}");
+        // Neither the ramp (100 MiB/s) nor the burst (512 MiB/s, from a guest left with
+        // floor + margin) outruns the margin between two ticks.
+        assert_eq!(s.failed_seconds, 0, "{s:?}");
         // Idle at the end: back to min.
         let last = run.ticks.last().unwrap();
         assert_eq!(last.intended, c.min, "{last:?}");
@@ -966,6 +966,43 @@ fn trace_host_pressure_episode() {
     // After it, one grow back to the margin; shrink, grow: one turn.
     assert_eq!(s.direction_changes, 1, "{s:?}");
     assert_eq!(s.grows, 1, "{s:?}");
+}
+
+#[test]
+fn trace_beyond_max() {
+    // The workload wants 3 GiB; the VM may have 2 GiB. The policy goes to max at once and
+    // stays there: no shrink while the guest is short, no target above max.
+    let c = config("auto,min=1G,max=2G");
+    let phases = [
+        Phase::Ramp { to: 3072, secs: 20 },
+        Phase::Hold { secs: 60 },
+        Phase::Release,
+        Phase::Hold { secs: 60 },
+    ];
+    let run = replay(&c, &phases, GIB, 0);
+    let s = check(&c, &run);
+    println!("beyond-max trace: {s:?}");
+    assert!(
+        run.failed > 0,
+        "the workload cannot fit: allocations must fail"
+    );
+    assert_eq!(s.direction_changes, 1, "{s:?}");
+    // At max from the second grow until the release (t = 80 s), holding although short.
+    let reached = run
+        .ticks
+        .iter()
+        .position(|k| k.intended == c.max)
+        .expect("never reached max");
+    let until_release = run.ticks[reached + 1..].iter().take_while(|k| k.t < 80);
+    for k in until_release {
+        assert!(k.intended == c.max && k.decision == Decision::Hold, "{k:?}");
+        // Once the ramp has filled it (20 s), the guest is short all along.
+        assert!(
+            k.t < 20 || k.available < c.floor + c.headroom,
+            "not short: {k:?}"
+        );
+    }
+    assert_eq!(run.ticks.last().map(|k| k.intended), Some(GIB));
 }
 
 #[test]
