@@ -17,7 +17,7 @@
 //!
 //! 1. **Clamp.** A total above `max` or below `min` is brought back into range, even without
 //!    statistics.
-//! 2. **No fresh statistics, no decision.** Without a sample younger than three intervals the
+//! 2. **No fresh statistics, no decision.** Without a sample at most three intervals old the
 //!    policy holds: it cannot tell what the guest needs, and shrinking blind could kill it.
 //! 3. **Grow fast, in one jump.** When available memory falls below `floor + headroom`, or
 //!    the guest had new OOM kills, or new reclaim stalls (Linux 6.10+ `alloc_stalls`,
@@ -565,9 +565,9 @@ pub struct GuestSample {
     pub oom_kills: Option<u64>,
     /// `alloc_stalls` (6.10+).
     pub alloc_stalls: Option<u64>,
-    /// `direct_scan`, pages (6.10+).
+    /// `direct_scan`, bytes scanned by direct reclaim (6.10+).
     pub direct_scan: Option<u64>,
-    /// `direct_reclaim`, pages (6.10+).
+    /// `direct_reclaim`, bytes reclaimed by direct reclaim (6.10+).
     pub direct_reclaim: Option<u64>,
 }
 
@@ -671,10 +671,22 @@ pub struct GuestEvidence {
     pub used: u64,
     /// OOM kills since the previous sample.
     pub new_oom_kills: u64,
-    /// Allocation stalls, direct scans and direct reclaims since the previous sample.
-    pub new_stalls: u64,
+    /// Allocation stalls since the previous sample.
+    pub new_alloc_stalls: u64,
+    /// Bytes scanned by direct reclaim since the previous sample.
+    pub new_direct_scan: u64,
+    /// Bytes reclaimed by direct reclaim since the previous sample.
+    pub new_direct_reclaim: u64,
     /// Major faults per second since the previous sample.
     pub major_faults_per_sec: u64,
+}
+
+impl GuestEvidence {
+    /// Whether the guest's allocations had to reclaim memory themselves since the previous
+    /// sample.
+    pub fn stalled(&self) -> bool {
+        self.new_alloc_stalls > 0 || self.new_direct_scan > 0 || self.new_direct_reclaim > 0
+    }
 }
 
 /// The inputs behind a decision.
@@ -775,24 +787,13 @@ impl PolicyState {
             return None;
         }
         let previous = self.last_sample.filter(|p| p.at <= sample.at);
-        let (new_oom_kills, new_stalls, major_faults_per_sec) = match previous {
-            Some(p) => {
-                let elapsed_ms = (sample.at - p.at).as_millis() as u64;
-                let faults = delta(sample.major_faults, p.major_faults);
-                (
-                    delta(sample.oom_kills, p.oom_kills),
-                    delta(sample.alloc_stalls, p.alloc_stalls)
-                        .saturating_add(delta(sample.direct_scan, p.direct_scan))
-                        .saturating_add(delta(sample.direct_reclaim, p.direct_reclaim)),
-                    faults
-                        .saturating_mul(1000)
-                        .checked_div(elapsed_ms)
-                        .unwrap_or(0),
-                )
-            }
-            // The first sample is the baseline: counts since boot are not news.
-            None => (0, 0, 0),
-        };
+        // The first sample is the baseline: counts since boot are not news.
+        let previous = previous.unwrap_or(sample);
+        let elapsed_ms = (sample.at - previous.at).as_millis() as u64;
+        let major_faults_per_sec = delta(sample.major_faults, previous.major_faults)
+            .saturating_mul(1000)
+            .checked_div(elapsed_ms)
+            .unwrap_or(0);
         self.last_sample = Some(sample);
         Some(GuestEvidence {
             age,
@@ -803,8 +804,10 @@ impl PolicyState {
                 .saturating_sub(sample.free)
                 .min(sample.caches.unwrap_or(u64::MAX)),
             used: input.current_total.saturating_sub(sample.available),
-            new_oom_kills,
-            new_stalls,
+            new_oom_kills: delta(sample.oom_kills, previous.oom_kills),
+            new_alloc_stalls: delta(sample.alloc_stalls, previous.alloc_stalls),
+            new_direct_scan: delta(sample.direct_scan, previous.direct_scan),
+            new_direct_reclaim: delta(sample.direct_reclaim, previous.direct_reclaim),
             major_faults_per_sec,
         })
     }
@@ -883,7 +886,7 @@ pub fn decide(config: &PolicyConfig, state: &mut PolicyState, input: &Inputs) ->
     let short = g.available < short_threshold;
     let grow_reason = if g.new_oom_kills > 0 {
         Some(ResizeReason::OomKills)
-    } else if g.new_stalls > 0 && short {
+    } else if g.stalled() && short {
         Some(ResizeReason::ReclaimStalls)
     } else if g.available < low_threshold {
         Some(ResizeReason::LowAvailable)

@@ -369,6 +369,16 @@ fn counters_oom_stalls_and_faults() {
     short.alloc_stalls = Some(25);
     let d = decide(&c, &mut s, &input(4, 4 * GIB, Some(short)));
     assert!(matches!(target_of(&d), Some((t, ResizeReason::ReclaimStalls)) if t > 4 * GIB));
+    // Direct reclaim alone (bytes, no stall count) is a stall too.
+    let mut s = PolicyState::default();
+    decide(&c, &mut s, &input(0, 4 * GIB, Some(sample(0, 600, 50))));
+    let mut direct = sample(2, 600, 50);
+    direct.direct_reclaim = Some(4096);
+    let d = decide(&c, &mut s, &input(2, 4 * GIB, Some(direct)));
+    assert!(
+        matches!(target_of(&d), Some((_, ResizeReason::ReclaimStalls))),
+        "{d:?}"
+    );
     // A major fault burst while short: 400 faults in 2 s = 200/s >= 100/s.
     let mut s = PolicyState::default();
     decide(&c, &mut s, &input(0, 4 * GIB, Some(sample(0, 600, 50))));
