@@ -251,6 +251,97 @@ fn bad_api_socket_mode() {
     }
 }
 
+/// `--memory-policy`: parse errors and the checks against the rest of the VM name the option
+/// and the offending key. The kernel is junk, so a value that passed would fail later on the
+/// kernel instead: every case must be refused before that.
+#[test]
+fn bad_memory_policy() {
+    let kernel = junk_kernel("autopilot");
+    let kernel = kernel.0.to_str().unwrap();
+    let stats = ["--balloon", "stats-interval=2s"];
+    let big = ["--virtio-mem", "id=m0,size=8G"];
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("manual,min=1G,max=2G", &[], &["--memory-policy", "auto"]),
+        (
+            "auto,min=2G,max=1G",
+            &[],
+            &["--memory-policy", "min 2 GiB is above max 1 GiB"],
+        ),
+        (
+            "auto,min=1000M,max=2G",
+            &[],
+            &["--memory-policy", "min=1000M", "128 MiB"],
+        ),
+        (
+            "auto,min=1G,max=2G,floor=64M",
+            &[],
+            &["floor=64M", "128 MiB"],
+        ),
+        (
+            "auto,min=1G,max=2G,interval=0s",
+            &[],
+            &["--memory-policy", "interval must not be zero"],
+        ),
+        (
+            "auto,min=1G,max=2G,interval=2",
+            &[],
+            &["interval='2'", "duration"],
+        ),
+        ("auto,min=1G,max=2G,turbo=on", &[], &["unknown key 'turbo'"]),
+        ("auto,max=2G", &[], &["min= is required"]),
+        (
+            "auto,min=1G,max=2G,psi-some=150",
+            &[],
+            &["psi-some='150'", "percentage"],
+        ),
+        (
+            "auto,min=1G,max=2G",
+            &[],
+            &["--memory-policy", "--balloon", "statistics"],
+        ),
+        (
+            "auto,min=1G,max=2G",
+            &["--balloon", ""],
+            &["--memory-policy", "stats-interval (5s)"],
+        ),
+        (
+            "auto,min=1G,max=4G",
+            &stats,
+            &["--memory-policy", "max is more than"],
+        ),
+        (
+            "auto,min=1G,max=4G,interval=1s",
+            &[
+                "--balloon",
+                "stats-interval=2s",
+                "--virtio-mem",
+                "id=m0,size=8G",
+            ],
+            &["--memory-policy", "stats-interval (2s)", "1000 ms"],
+        ),
+    ];
+    for (policy, extra, names) in cases {
+        let mut args = vec![
+            "run",
+            "--kernel",
+            kernel,
+            "--serial",
+            "off",
+            "--memory-policy",
+            policy,
+        ];
+        args.extend_from_slice(extra);
+        expect_error(&args, names);
+    }
+    // A valid policy gets past every check: the error is the junk kernel's.
+    let mut args = vec!["run", "--kernel", kernel, "--serial", "off"];
+    args.extend_from_slice(&["--memory-policy", "auto,min=1G,max=4G"]);
+    args.extend_from_slice(&stats);
+    args.extend_from_slice(&big);
+    let line = expect_error(&args, &[]);
+    assert!(!line.contains("memory-policy"), "{line}");
+}
+
 /// Sizes and counts near 2^64 must be refused by name, not wrap around a check or panic.
 #[test]
 fn numbers_that_would_overflow() {

@@ -6,7 +6,12 @@
 //! edge (`vmm::api`) turns those into HTTP status codes. What must survive a reboot (requested
 //! sizes, DIMMs, the balloon target, the violation log) is kept in [`MemorySettings`], which
 //! the control loop carries into the next boot.
+//!
+//! [`autopilot`] holds the `--memory-policy` policy (a pure function from the guest's and the
+//! host's reports to a target total) and [`autopilot::Autopilot::tick`], the call a tick will
+//! make; nothing in the service calls it yet: targets need the planner that carries them out.
 
+pub mod autopilot;
 mod dimms;
 mod errors;
 mod plan;
