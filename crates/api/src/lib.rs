@@ -48,6 +48,6 @@ pub use types::{
     DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, Event, EventRecord, GuestRange,
     HostRss, MemoryBalloon, MemoryDimm, MemoryInfo, MemoryPlanInfo, MemoryStatus, MemoryStep,
     MemoryViolation, MemoryVirtioMem, NodeMemory, OstReport, PayloadInfo, RequestHandler,
-    ResizeVirtioMemBody, SetBalloonBody, SetMemoryBody, VirtioMemCounters, VirtioMemInfo, VmInfo,
-    VmState,
+    ResizeVirtioMemBody, SetBalloonBody, SetMemoryBody, SetMemoryPolicyBody, VirtioMemCounters,
+    VirtioMemInfo, VmInfo, VmState,
 };

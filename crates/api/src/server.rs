@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use crate::ch::{self, ChReply};
 use crate::types::{
     AddDimmBody, ApiError, ApiRequest, ApiResponse, ErrorBody, RequestHandler, ResizeVirtioMemBody,
-    SetBalloonBody, SetMemoryBody,
+    SetBalloonBody, SetMemoryBody, SetMemoryPolicyBody,
 };
 
 /// Permissions of the API socket unless told otherwise: its owner only.
@@ -67,6 +67,7 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/vm/dimms/{id}"),
     ("GET", "/vm/memory"),
     ("PUT", "/vm/memory"),
+    ("PUT", "/vm/memory/policy"),
 ];
 
 /// What `PUT /vm/balloon` takes, for error messages.
@@ -802,6 +803,7 @@ enum Endpoint {
     RemoveDimm { id: String },
     MemoryStatus,
     SetMemory,
+    SetMemoryPolicy,
 }
 
 impl Endpoint {
@@ -817,6 +819,7 @@ impl Endpoint {
             "/vm/dimms" => Some(Endpoint::AddDimm),
             "/vm/memory" if method == "GET" => Some(Endpoint::MemoryStatus),
             "/vm/memory" => Some(Endpoint::SetMemory),
+            "/vm/memory/policy" => Some(Endpoint::SetMemoryPolicy),
             _ => {
                 if let Some(id) = path.strip_prefix("/vm/dimms/") {
                     return path_id(id).map(|id| Endpoint::RemoveDimm { id });
@@ -831,6 +834,7 @@ impl Endpoint {
         match self {
             Endpoint::VmInfo | Endpoint::BalloonStatus | Endpoint::MemoryStatus => "GET",
             Endpoint::SetMemory
+            | Endpoint::SetMemoryPolicy
             | Endpoint::Shutdown
             | Endpoint::Reboot
             | Endpoint::VirtioMem { .. }
@@ -854,7 +858,8 @@ impl Endpoint {
             | Endpoint::BalloonStatus
             | Endpoint::BalloonTarget
             | Endpoint::MemoryStatus
-            | Endpoint::SetMemory => StatusCode::OK,
+            | Endpoint::SetMemory
+            | Endpoint::SetMemoryPolicy => StatusCode::OK,
         }
     }
 
@@ -884,6 +889,15 @@ impl Endpoint {
                     ApiError::bad_request(format!("invalid request body: {error}"))
                 })?;
                 Ok(ApiRequest::SetMemory(parsed))
+            }
+            Endpoint::SetMemoryPolicy => {
+                let parsed: SetMemoryPolicyBody = parse_object(
+                    body,
+                    r#"{"policy": "auto,min=1G,max=8G"} or {"policy": "off"}"#,
+                )?;
+                Ok(ApiRequest::SetMemoryPolicy {
+                    policy: parsed.policy,
+                })
             }
             Endpoint::BalloonTarget => {
                 let parsed: SetBalloonBody = parse_object(body, BALLOON_BODY)?;

@@ -189,7 +189,9 @@ impl RequestHandler for FakeVmm {
                 target_bytes: 1 << 30,
                 ..Default::default()
             })),
-            ApiRequest::SetBalloon { .. } => Ok(ApiResponse::Empty),
+            ApiRequest::SetBalloon { .. } | ApiRequest::SetMemoryPolicy { .. } => {
+                Ok(ApiResponse::Empty)
+            }
             ApiRequest::AddDimm(body) if body.size == 0 || body.size % DIMM_ALIGN != 0 => {
                 Err(ApiError::bad_request(format!(
                     "DIMM size {} is not a non-zero multiple of 128 MiB",
@@ -1615,4 +1617,45 @@ fn events_stream_line_by_line() {
     // Another method on the path is a 405.
     let (status, _) = client.call("PUT", "/vm/events", None).unwrap();
     assert_eq!(status, 405);
+}
+
+#[test]
+fn memory_policy_round_trip() {
+    let running = start();
+    let (status, _) = running
+        .client
+        .call(
+            "PUT",
+            "/vm/memory/policy",
+            Some(json!({"policy": "auto,min=1G,max=8G"})),
+        )
+        .unwrap();
+    assert_eq!(status, 204);
+    let (status, _) = running
+        .client
+        .call("PUT", "/vm/memory/policy", Some(json!({"policy": "off"})))
+        .unwrap();
+    assert_eq!(status, 204);
+    for bad in [
+        json!({}),
+        json!({"policy": 5}),
+        json!({"policy": "off", "x": 1}),
+    ] {
+        let (status, _) = running
+            .client
+            .call("PUT", "/vm/memory/policy", Some(bad.clone()))
+            .unwrap();
+        assert_eq!(status, 400, "{bad}");
+    }
+    assert_eq!(
+        running.vmm.requests(),
+        vec![
+            ApiRequest::SetMemoryPolicy {
+                policy: "auto,min=1G,max=8G".into()
+            },
+            ApiRequest::SetMemoryPolicy {
+                policy: "off".into()
+            }
+        ]
+    );
 }

@@ -46,6 +46,20 @@ pub enum ApiRequest {
     /// `PUT /vm/memory`: bring the guest's total memory to `size` (the VMM plans the
     /// virtio-mem and balloon changes).
     SetMemory(SetMemoryBody),
+    /// `PUT /vm/memory/policy`: turn the memory autopilot on with `policy` (the syntax of
+    /// `--memory-policy`, e.g. `auto,min=1G,max=8G`) or off (`off`).
+    SetMemoryPolicy {
+        /// The policy, or `off`.
+        policy: String,
+    },
+}
+
+/// Body of `PUT /vm/memory/policy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMemoryPolicyBody {
+    /// `auto,min=SIZE,max=SIZE[,...]` as `--memory-policy` takes it, or `off`.
+    pub policy: String,
 }
 
 /// What a successful request returns.

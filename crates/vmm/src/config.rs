@@ -619,57 +619,16 @@ impl VmConfig {
 }
 
 impl VmConfig {
-    /// The policy needs the guest's statistics at least once per interval (they are its view
-    /// of the guest), and a `max` the VM's devices can reach.
     fn validate_memory_policy(&self) -> Result<(), ConfigError> {
-        let Some(policy) = &self.memory_policy else {
-            return Ok(());
-        };
-        let invalid = |reason: String| ConfigError::InvalidOption {
-            option: "memory-policy",
-            value: format!(
-                "min={},max={}",
-                format_size(policy.min),
-                format_size(policy.max)
+        match &self.memory_policy {
+            Some(policy) => check_memory_policy(
+                policy,
+                self.balloon.as_ref(),
+                &self.memory,
+                &self.virtio_mem,
             ),
-            reason,
-        };
-        let stats = self.balloon.as_ref().and_then(|b| b.stats_interval);
-        match stats {
-            None => {
-                return Err(invalid(
-                    "it needs --balloon with statistics (stats-interval above 0s): the \
-                     guest's statistics are what the policy decides from"
-                        .into(),
-                ))
-            }
-            Some(stats) if stats > policy.interval => {
-                return Err(invalid(format!(
-                    "the balloon's stats-interval ({}s) is longer than the policy's interval \
-                     ({} ms): set --balloon stats-interval to at most the policy's interval, \
-                     or a longer interval=",
-                    stats.as_secs(),
-                    policy.interval.as_millis()
-                )))
-            }
-            Some(_) => {}
+            None => Ok(()),
         }
-        let reachable = self
-            .virtio_mem
-            .iter()
-            .try_fold(
-                self.memory.size.saturating_add(self.memory.dimm_budget()),
-                |total, d| total.checked_add(d.size),
-            )
-            .unwrap_or(u64::MAX);
-        if policy.max > reachable {
-            return Err(invalid(format!(
-                "max is more than the {} the VM can reach (boot memory, virtio-mem regions \
-                 and the DIMM budget of --memory maxmem)",
-                format_size(reachable)
-            )));
-        }
-        Ok(())
     }
 
     fn validate_numa(&self) -> Result<(), ConfigError> {
@@ -770,6 +729,60 @@ pub fn format_size(bytes: u64) -> String {
         }
     }
     format!("{bytes} B")
+}
+
+/// The policy needs the guest's statistics at least once per interval (they are its view
+/// of the guest), and a `max` the VM's devices can reach.
+pub fn check_memory_policy(
+    policy: &PolicyConfig,
+    balloon: Option<&BalloonDeviceConfig>,
+    memory: &MemoryConfig,
+    virtio_mem: &[VirtioMemDeviceConfig],
+) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::InvalidOption {
+        option: "memory-policy",
+        value: format!(
+            "min={},max={}",
+            format_size(policy.min),
+            format_size(policy.max)
+        ),
+        reason,
+    };
+    let stats = balloon.and_then(|b| b.stats_interval);
+    match stats {
+        None => {
+            return Err(invalid(
+                "it needs --balloon with statistics (stats-interval above 0s): the \
+                 guest's statistics are what the policy decides from"
+                    .into(),
+            ))
+        }
+        Some(stats) if stats > policy.interval => {
+            return Err(invalid(format!(
+                "the balloon's stats-interval ({}s) is longer than the policy's interval \
+                 ({} ms): set --balloon stats-interval to at most the policy's interval, \
+                 or a longer interval=",
+                stats.as_secs(),
+                policy.interval.as_millis()
+            )))
+        }
+        Some(_) => {}
+    }
+    let reachable = virtio_mem
+        .iter()
+        .try_fold(
+            memory.size.saturating_add(memory.dimm_budget()),
+            |total, d| total.checked_add(d.size),
+        )
+        .unwrap_or(u64::MAX);
+    if policy.max > reachable {
+        return Err(invalid(format!(
+            "max is more than the {} the VM can reach (boot memory, virtio-mem regions \
+             and the DIMM budget of --memory maxmem)",
+            format_size(reachable)
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -75,6 +75,12 @@ enum CtlCommand {
         #[arg(long, default_value_t = 300)]
         timeout: u64,
     },
+    /// Turn the memory autopilot on with POLICY (as `--memory-policy` takes it, e.g.
+    /// auto,min=1G,max=8G) or off (`off`).
+    MemoryPolicy {
+        /// The policy, or `off`.
+        policy: String,
+    },
     /// Hot-add a DIMM of SIZE (a multiple of 128M, e.g. 1G) and notify the guest (ACPI).
     DimmAdd {
         /// The DIMM's size.
@@ -136,6 +142,21 @@ impl From<BackingArg> for DimmBacking {
 pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
     let client = ApiClient::new(args.api_socket);
     match args.command {
+        CtlCommand::MemoryPolicy { policy } => {
+            let (status, body) = client.call(
+                "PUT",
+                "/vm/memory/policy",
+                Some(serde_json::json!({ "policy": policy })),
+            )?;
+            if !(200..300).contains(&status) {
+                anyhow::bail!(
+                    "{}",
+                    body["error"]
+                        .as_str()
+                        .unwrap_or("the VMM refused the policy")
+                );
+            }
+        }
         CtlCommand::Info => {
             let info = client.vm_info()?;
             println!("{}", serde_json::to_string_pretty(&info)?);

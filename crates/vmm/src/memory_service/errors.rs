@@ -129,6 +129,9 @@ pub enum MemoryRequestError {
         #[source]
         source: Box<MemoryRequestError>,
     },
+    /// A memory policy this VM cannot follow.
+    #[error(transparent)]
+    Policy(crate::config::ConfigError),
     /// Slots were configured but the controller is missing.
     #[error("the DIMM controller is missing")]
     NoDimmController,
@@ -148,7 +151,8 @@ impl MemoryRequestError {
             | E::DimmSize(_)
             | E::AboveMaxmem { .. }
             | E::UnknownNode { .. }
-            | E::Plan(_) => RequestErrorKind::Invalid,
+            | E::Plan(_)
+            | E::Policy(_) => RequestErrorKind::Invalid,
             E::SlotsFull(_) | E::DuplicateDimm(_) | E::NoRoom(_) | E::AlreadyEjecting(_) => {
                 RequestErrorKind::Conflict
             }

@@ -12,6 +12,7 @@
 //! make; nothing in the service calls it yet: targets need the planner that carries them out.
 
 pub mod autopilot;
+mod autopilot_run;
 mod dimms;
 mod errors;
 mod plan;
@@ -85,6 +86,8 @@ pub struct MemorySettings {
     pub boot_by_node: Vec<(u32, u64)>,
     /// What a guest touching memory it does not own costs it.
     pub violation_policy: ViolationPolicy,
+    /// The memory autopilot's policy, when it is on.
+    pub memory_policy: Option<autopilot::PolicyConfig>,
     /// Violations so far (they outlive a reboot: they describe the guest, not one boot).
     pub violations: ViolationLog,
 }
@@ -104,12 +107,14 @@ impl MemorySettings {
                 config.numa.iter().map(|n| (n.id, n.memory)).collect()
             },
             violation_policy: config.violation_policy,
+            memory_policy: config.memory_policy.clone(),
             violations: ViolationLog::default(),
         }
     }
 
     /// Writes what changed back into `config`, for the next boot.
     pub fn write_back(&self, config: &mut VmConfig) {
+        config.memory_policy = self.memory_policy.clone();
         config.virtio_mem = self.virtio_mem.clone();
         config.dimms = self.dimms.clone();
         config.balloon = self.balloon.clone();
@@ -160,6 +165,7 @@ pub struct MemoryService {
     next_stats: Option<Instant>,
     events: Arc<EventBus>,
     progress: progress::Progress,
+    autopilot: Option<autopilot_run::Running>,
 }
 
 impl std::fmt::Debug for MemoryService {
@@ -185,8 +191,12 @@ impl MemoryService {
             virtio_mem: devices.virtio_mem,
             balloon: devices.balloon,
             dimms: devices.dimms,
-            settings,
             next_stats: None,
+            autopilot: settings
+                .memory_policy
+                .clone()
+                .map(|p| autopilot_run::Running::new(p, Instant::now())),
+            settings,
             events,
             progress: progress::Progress::default(),
         }
@@ -320,12 +330,16 @@ impl MemoryService {
     /// while one is).
     pub fn tick(&mut self, now: Instant) -> Tick {
         let stats = self.tick_balloon(now);
+        let autopilot = self.tick_autopilot(now);
         let in_flight = self.report_progress();
-        let next_in = match (stats.next_in, in_flight) {
-            (Some(next), true) => Some(next.min(progress::INTERVAL)),
-            (None, true) => Some(progress::INTERVAL),
-            (next, false) => next,
-        };
+        let next_in = [
+            stats.next_in,
+            autopilot,
+            in_flight.then_some(progress::INTERVAL),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         Tick { next_in, ..stats }
     }
 

@@ -19,6 +19,7 @@ use crate::config::HUGETLBFS_PAGE_SIZE;
 use crate::memory::planner::PlanStep;
 use crate::memory::Backing;
 use crate::memory::ResidentSplit;
+use crate::memory_service::autopilot::PolicyConfig;
 use crate::memory_service::{
     DimmRequest, DimmState, DimmStatus, DimmsStatus, MemoryRequestError, MemoryService,
     RequestErrorKind,
@@ -132,6 +133,20 @@ pub(super) fn memory_request(
         ApiRequest::RemoveDimm { id } => remove_dimm(memory, &id),
         ApiRequest::MemoryStatus => memory_status(memory).map(ApiResponse::Memory),
         ApiRequest::SetMemory(body) => set_memory(memory, body.size, body.node),
+        ApiRequest::SetMemoryPolicy { policy } => {
+            let policy = match policy.trim() {
+                "off" => None,
+                text => Some(
+                    PolicyConfig::parse(text)
+                        .map_err(|e| ApiError::bad_request(format!("invalid policy: {e}")))?,
+                ),
+            };
+            memory
+                .check_memory_policy(policy.as_ref())
+                .map_err(|e| api_error(&e))?;
+            memory.set_memory_policy(policy);
+            Ok(ApiResponse::Empty)
+        }
         ApiRequest::VmInfo | ApiRequest::Shutdown | ApiRequest::Reboot => Err(ApiError::internal(
             "a life-cycle request reached the memory service",
         )),
