@@ -3,6 +3,7 @@
 //!
 //! `cargo test --release -p tidevm --test real_guest [-- FILTER]`
 
+mod autopilot;
 mod balloon;
 mod ch_compat;
 mod dimm;
@@ -31,6 +32,7 @@ fn main() {
         .iter()
         .chain(virtio_mem::SCENARIOS)
         .chain(dimm::SCENARIOS)
+        .chain(autopilot::SCENARIOS)
         .chain(balloon::SCENARIOS)
         .chain(ch_compat::SCENARIOS)
         .copied()
