@@ -8,9 +8,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 OUT="$BUILD_DIR/guest"
 SCRIPT="${BASH_SOURCE[0]}"
-if [ "$(dirname "$SCRIPT")/tools/memtouch.c" -nt "$OUT/initramfs.cpio.gz" ]; then
-    rm -f "$OUT/initramfs.cpio.gz"
-fi
+for tool in memtouch memphase; do
+    if [ "$(dirname "$SCRIPT")/tools/$tool.c" -nt "$OUT/initramfs.cpio.gz" ]; then
+        rm -f "$OUT/initramfs.cpio.gz"
+    fi
+done
 if up_to_date "$SCRIPT" "$OUT/vmlinux" "$OUT/bzImage" "$OUT/initramfs.cpio.gz" "$OUT/VERSIONS"; then
     log "up to date: $OUT"
     exit 0
@@ -42,6 +44,9 @@ mkdir -p "$ROOT"/{proc,sys,dev,tmp,root,etc/init.d}
 ln -s sbin/init "$ROOT/init"
 # memtouch: a static helper that fills and checks memory in the guest (tests, demo).
 gcc -O2 -static -o "$ROOT/bin/memtouch" "$(dirname "$SCRIPT")/tools/memtouch.c"
+# memphase: takes and gives back memory in phases (ramp, burst, hold, idle, release), for the
+# memory autopilot's tests and demo.
+gcc -O2 -static -o "$ROOT/bin/memphase" "$(dirname "$SCRIPT")/tools/memphase.c"
 
 cat > "$ROOT/etc/inittab" <<'INITTAB'
 ::sysinit:/etc/init.d/rcS

@@ -10,7 +10,10 @@ use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 
-use crate::types::{AddDimmBody, DimmInfo, ErrorBody, ResizeVirtioMemBody, VmInfo};
+use crate::types::{
+    AddDimmBody, DimmInfo, ErrorBody, MemoryPlanInfo, MemoryStatus, ResizeVirtioMemBody,
+    SetMemoryBody, VmInfo,
+};
 
 /// How long a request may take unless [`ApiClient::with_timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -137,6 +140,30 @@ impl ApiClient {
     /// `GET /vm/balloon`.
     pub fn balloon(&self) -> Result<crate::BalloonInfo, ClientError> {
         let body = self.call_expecting_success("GET", "/vm/balloon", None)?;
+        serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
+    }
+
+    /// `GET /vm/memory`.
+    pub fn memory(&self) -> Result<MemoryStatus, ClientError> {
+        let body = self.call_expecting_success("GET", "/vm/memory", None)?;
+        serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
+    }
+
+    /// `PUT /vm/memory`: bring the guest's total memory to `size_bytes` (with `node`: by
+    /// changing that node's virtio-mem devices only). Returns the steps the VMM took.
+    pub fn set_memory(
+        &self,
+        size_bytes: u64,
+        node: Option<u32>,
+    ) -> Result<MemoryPlanInfo, ClientError> {
+        let body = SetMemoryBody {
+            size: size_bytes,
+            node,
+        };
+        let json = serde_json::to_vec(&body).map_err(|error| ClientError::InvalidRequest {
+            detail: error.to_string(),
+        })?;
+        let body = self.call_expecting_success("PUT", "/vm/memory", Some(json))?;
         serde_json::from_slice(&body).map_err(|error| self.invalid_response(error.to_string()))
     }
 
@@ -280,6 +307,74 @@ impl ApiClient {
             .map_err(|error| self.invalid_response(format!("cannot read the body: {error}")))?
             .to_bytes();
         Ok((status, body))
+    }
+
+    /// `GET /vm/events`: calls `on_event` for each event line as it arrives, until the VMM
+    /// ends the stream, `on_event` returns `false`, or the connection fails. The client's
+    /// per-request timeout applies to the answer's headers only.
+    pub fn events(&self, mut on_event: impl FnMut(&str) -> bool) -> Result<(), ClientError> {
+        let request = build_request("GET", "/vm/events", None)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|reason| ClientError::Runtime { reason })?;
+        runtime.block_on(async {
+            let stream = tokio::net::UnixStream::connect(&self.socket_path)
+                .await
+                .map_err(|reason| ClientError::Connect {
+                    path: self.socket_path.clone(),
+                    reason,
+                })?;
+            let http_error = |reason| ClientError::Http {
+                path: self.socket_path.clone(),
+                reason,
+            };
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(http_error)?;
+            tokio::spawn(connection);
+            let response = tokio::time::timeout(self.timeout, sender.send_request(request))
+                .await
+                .map_err(|_elapsed| ClientError::Timeout {
+                    path: self.socket_path.clone(),
+                    timeout: self.timeout,
+                })?
+                .map_err(http_error)?;
+            let status = response.status().as_u16();
+            let mut body = response.into_body();
+            if !(200..300).contains(&status) {
+                let bytes = Limited::new(body, MAX_RESPONSE_BODY_BYTES)
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).trim().to_owned());
+                return Err(ClientError::Api { status, message });
+            }
+            let mut pending = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(http_error)?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                pending.extend_from_slice(&data);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    let line = String::from_utf8_lossy(&line[..end]);
+                    if !on_event(&line) {
+                        return Ok(());
+                    }
+                }
+                if pending.len() > MAX_RESPONSE_BODY_BYTES {
+                    return Err(self.invalid_response("an event line is too long".into()));
+                }
+            }
+            Ok(())
+        })
     }
 
     fn invalid_response(&self, detail: String) -> ClientError {

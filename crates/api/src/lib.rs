@@ -22,11 +22,19 @@
 //!
 //! [`MetricsListener`] serves the same `GET /metrics` over TCP (`tidevm run
 //! --metrics-listen`), through the same [`RequestHandler`].
+//! | GET    | `/vm/memory`          | none                          | 200 [`MemoryStatus`] |
+//! | PUT    | `/vm/memory`          | [`SetMemoryBody`]             | 200 [`MemoryPlanInfo`] |
+//!
+//! Cloud Hypervisor's memory-related routes (`/api/v1/vmm.ping`, `/api/v1/vm.info`,
+//! `/api/v1/vm.resize`, ...) are served on the same socket with its JSON shapes and status
+//! codes, so that `ch-remote` and clients generated from its OpenAPI document work; see
+//! the `ch` module.
 //!
 //! Errors are `{"error": "<message>"}` with a 4xx or 5xx status.
 
 #![deny(missing_docs)]
 
+mod ch;
 mod client;
 mod counts;
 mod metrics_listener;
@@ -45,7 +53,9 @@ pub use server::{
 };
 pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
-    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, GuestRange, HostRss, MemoryInfo,
-    MemoryViolation, OstReport, RequestHandler, ResizeVirtioMemBody, SetBalloonBody,
-    VirtioMemCounters, VirtioMemInfo, VmInfo, VmState, METRICS_CONTENT_TYPE,
+    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, Event, EventRecord, GuestRange,
+    HostRss, MemoryBalloon, MemoryDimm, MemoryInfo, MemoryPlanInfo, MemoryStatus, MemoryStep,
+    MemoryViolation, MemoryVirtioMem, NodeMemory, OstReport, PayloadInfo, RequestHandler,
+    ResizeVirtioMemBody, SetBalloonBody, SetMemoryBody, SetMemoryPolicyBody, VirtioMemCounters,
+    VirtioMemInfo, VmInfo, VmState, METRICS_CONTENT_TYPE,
 };

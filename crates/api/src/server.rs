@@ -26,10 +26,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::sync::Notify;
 
+use crate::ch::{self, ChReply};
 use crate::counts::{ApiRequestCounts, UNKNOWN_ROUTE};
 use crate::types::{
     AddDimmBody, ApiError, ApiRequest, ApiResponse, ErrorBody, RequestHandler, ResizeVirtioMemBody,
-    SetBalloonBody, METRICS_CONTENT_TYPE,
+    SetBalloonBody, SetMemoryBody, SetMemoryPolicyBody, METRICS_CONTENT_TYPE,
 };
 
 /// Permissions of the API socket unless told otherwise: its owner only.
@@ -65,6 +66,9 @@ pub(crate) const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/vm/balloon"),
     ("PUT", "/vm/dimms"),
     ("DELETE", "/vm/dimms/{id}"),
+    ("GET", "/vm/memory"),
+    ("PUT", "/vm/memory"),
+    ("PUT", "/vm/memory/policy"),
     ("GET", "/metrics"),
 ];
 
@@ -522,12 +526,15 @@ async fn serve_connection(
         let counts = Arc::clone(&counts);
         async move {
             let method = request.method().clone();
-            let (endpoint, response) = serve_request(request, handler, handling).await;
+            let (endpoint, response) = route(request, handler, handling).await;
+            // A stream counts when its head is sent.
             counts.record(method.as_str(), endpoint, response.status().as_u16());
             Ok::<_, Infallible>(response)
         }
     });
     let connection = hyper::server::conn::http1::Builder::new()
+        // Cloud Hypervisor's client looks for `Content-Length: ` spelled exactly so.
+        .title_case_headers(true)
         .timer(TokioTimer::new())
         .header_read_timeout(REQUEST_READ_TIMEOUT)
         .max_buf_size(16 * 1024)
@@ -558,6 +565,103 @@ async fn serve_connection(
     }
 }
 
+/// Any response body: a whole one, or the event stream.
+type AnyBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// `GET /vm/events` streams; everything else is answered whole. Also returns the route
+/// template the request was for (a label of `tidevm_api_requests_total`).
+async fn route(
+    request: Request<Incoming>,
+    handler: Arc<dyn RequestHandler>,
+    handling: Arc<AtomicUsize>,
+) -> (&'static str, Response<AnyBody>) {
+    if request.uri().path() == EVENTS_PATH {
+        if request.method() != hyper::Method::GET {
+            let mut response = error_response(&ApiError::method_not_allowed(format!(
+                "method {} is not allowed on {EVENTS_PATH}; use GET",
+                request.method()
+            )));
+            response
+                .headers_mut()
+                .insert(ALLOW, HeaderValue::from_static("GET"));
+            return (EVENTS_PATH, response.map(|b| b.boxed()));
+        }
+        return (EVENTS_PATH, serve_events(handler, handling).await);
+    }
+    let (endpoint, response) = serve_request(request, handler, handling).await;
+    (endpoint, response.map(|b| b.boxed()))
+}
+
+/// The path of the event stream.
+const EVENTS_PATH: &str = "/vm/events";
+/// Routes answered with a stream rather than a whole body.
+pub(crate) const STREAM_ROUTES: &[(&str, &str)] = &[("GET", EVENTS_PATH)];
+/// Event lines buffered between the forwarding thread and the connection.
+const EVENT_STREAM_BUFFER: usize = 64;
+
+/// The event stream's body: lines as they come, until the VMM ends the subscription. While
+/// it lives the connection counts as busy, so it is not evicted for an idle one.
+struct EventBody {
+    lines: tokio::sync::mpsc::Receiver<Bytes>,
+    _handling: Handling,
+}
+
+impl hyper::body::Body for EventBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.lines
+            .poll_recv(cx)
+            .map(|line| line.map(|l| Ok(hyper::body::Frame::data(l))))
+    }
+}
+
+/// `GET /vm/events`: newline-delimited JSON, kept open. The VMM hands out a bounded queue
+/// per subscriber and never waits on it (a subscriber that stops reading loses events and
+/// is told how many); a thread here moves lines from that queue to the connection.
+async fn serve_events(
+    handler: Arc<dyn RequestHandler>,
+    handling: Arc<AtomicUsize>,
+) -> Response<AnyBody> {
+    let subscription = match tokio::task::spawn_blocking(move || handler.subscribe_events()).await {
+        Ok(Ok(subscription)) => subscription,
+        Ok(Err(error)) => return error_response(&error).map(|b| b.boxed()),
+        Err(_) => {
+            return error_response(&ApiError::internal("the VMM failed to subscribe"))
+                .map(|b| b.boxed())
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(EVENT_STREAM_BUFFER);
+    tokio::task::spawn_blocking(move || loop {
+        match subscription.recv_timeout(Duration::from_secs(1)) {
+            // The bus probes for gone subscribers with empty items.
+            Ok(line) if line.is_empty() => {}
+            Ok(line) => {
+                if tx.blocking_send(Bytes::from(line + "\n")).is_err() {
+                    return;
+                }
+            }
+            // Checks now and then whether the client went away.
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !tx.is_closed() => {}
+            Err(_) => return,
+        }
+    });
+    let body = EventBody {
+        lines: rx,
+        _handling: Handling::start(handling),
+    };
+    let mut response = Response::new(body.boxed());
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
+}
+
 /// Counts a request as being with the handler while it lives.
 struct Handling(Arc<AtomicUsize>);
 
@@ -574,13 +678,21 @@ impl Drop for Handling {
     }
 }
 
-/// Answers one request; also returns the route template it was for (for the counts).
+/// Answers a request with a whole body; also returns its route template.
 async fn serve_request(
     request: Request<Incoming>,
     handler: Arc<dyn RequestHandler>,
     handling: Arc<AtomicUsize>,
 ) -> (&'static str, Response<Full<Bytes>>) {
     let path = request.uri().path().to_owned();
+    if path.starts_with("/api/v1/") {
+        let template = ch::CH_ROUTES
+            .iter()
+            .find(|(_, route)| *route == path)
+            .map_or(UNKNOWN_ROUTE, |(_, route)| *route);
+        let response = serve_cloud_hypervisor_request(request, &path, handler).await;
+        return (template, response);
+    }
     let Some(endpoint) = Endpoint::from_path(&path, request.method().as_str()) else {
         let response = error_response(&ApiError::not_found(format!(
             "unknown route {}; the API has {}",
@@ -635,10 +747,47 @@ async fn answer(
     }
 }
 
+/// Serves a Cloud Hypervisor route (see the `ch` module). Its clients send no
+/// Content-Type, which is fine: no route looks at it.
+async fn serve_cloud_hypervisor_request(
+    request: Request<Incoming>,
+    path: &str,
+    handler: Arc<dyn RequestHandler>,
+) -> Response<Full<Bytes>> {
+    let method = request.method().as_str().to_owned();
+    let body = match read_body(request).await {
+        Ok(body) => body,
+        Err(error) => return without_reason_phrase(error_response(&error)),
+    };
+    let call = match ch::parse(&method, path, &body) {
+        Ok(call) => call,
+        Err(error) => return without_reason_phrase(error_response(&error)),
+    };
+    let outcome = tokio::task::spawn_blocking(move || ch::execute(call, handler.as_ref())).await;
+    let response = match outcome {
+        Ok(Ok(ChReply::Empty)) => build_response(StatusCode::NO_CONTENT, None),
+        Ok(Ok(ChReply::Json(json))) => json_response(StatusCode::OK, serde_json::to_vec(&json)),
+        Ok(Err(error)) => error_response(&error),
+        Err(_) => error_response(&ApiError::internal("the VMM failed to handle the request")),
+    };
+    without_reason_phrase(response)
+}
+
+/// Cloud Hypervisor's client parses everything between `HTTP/1.1 ` and the end of the
+/// status line as the number, so its server sends no reason phrase (`HTTP/1.1 204 `);
+/// with hyper's `204 No Content` that client fails. Only its routes get this.
+fn without_reason_phrase(mut response: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    response
+        .extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(b""));
+    response
+}
+
 /// "GET /vm/info, PUT /vm/shutdown, ..." for error messages.
 fn route_list() -> String {
     let routes: Vec<String> = ROUTES
         .iter()
+        .chain(STREAM_ROUTES)
         .map(|(method, path)| format!("{method} {path}"))
         .collect();
     routes.join(", ")
@@ -695,6 +844,9 @@ enum Endpoint {
     BalloonTarget,
     AddDimm,
     RemoveDimm { id: String },
+    MemoryStatus,
+    SetMemory,
+    SetMemoryPolicy,
     Metrics,
 }
 
@@ -709,6 +861,9 @@ impl Endpoint {
             "/vm/shutdown" => Some(Endpoint::Shutdown),
             "/vm/reboot" => Some(Endpoint::Reboot),
             "/vm/dimms" => Some(Endpoint::AddDimm),
+            "/vm/memory" if method == "GET" => Some(Endpoint::MemoryStatus),
+            "/vm/memory" => Some(Endpoint::SetMemory),
+            "/vm/memory/policy" => Some(Endpoint::SetMemoryPolicy),
             "/metrics" => Some(Endpoint::Metrics),
             _ => {
                 if let Some(id) = path.strip_prefix("/vm/dimms/") {
@@ -722,8 +877,13 @@ impl Endpoint {
 
     fn method(&self) -> &'static str {
         match self {
-            Endpoint::VmInfo | Endpoint::BalloonStatus | Endpoint::Metrics => "GET",
-            Endpoint::Shutdown
+            Endpoint::VmInfo
+            | Endpoint::BalloonStatus
+            | Endpoint::MemoryStatus
+            | Endpoint::Metrics => "GET",
+            Endpoint::SetMemory
+            | Endpoint::SetMemoryPolicy
+            | Endpoint::Shutdown
             | Endpoint::Reboot
             | Endpoint::VirtioMem { .. }
             | Endpoint::BalloonTarget
@@ -745,6 +905,9 @@ impl Endpoint {
             | Endpoint::VirtioMem { .. }
             | Endpoint::BalloonStatus
             | Endpoint::BalloonTarget
+            | Endpoint::MemoryStatus
+            | Endpoint::SetMemory
+            | Endpoint::SetMemoryPolicy
             | Endpoint::Metrics => StatusCode::OK,
         }
     }
@@ -759,6 +922,8 @@ impl Endpoint {
             Endpoint::BalloonStatus | Endpoint::BalloonTarget => "/vm/balloon",
             Endpoint::AddDimm => "/vm/dimms",
             Endpoint::RemoveDimm { .. } => "/vm/dimms/{id}",
+            Endpoint::MemoryStatus | Endpoint::SetMemory => "/vm/memory",
+            Endpoint::SetMemoryPolicy => "/vm/memory/policy",
             Endpoint::Metrics => "/metrics",
         }
     }
@@ -771,7 +936,35 @@ impl Endpoint {
             Endpoint::BalloonStatus => {
                 expect_no_parameters(body).map(|()| ApiRequest::BalloonStatus)
             }
+            Endpoint::MemoryStatus => expect_no_parameters(body).map(|()| ApiRequest::MemoryStatus),
             Endpoint::Metrics => expect_no_parameters(body).map(|()| ApiRequest::Metrics),
+            Endpoint::SetMemory => {
+                const EXPECTED: &str = r#"{"size": <bytes or "6G">, "node": N}"#;
+                if is_blank(body) {
+                    return Err(ApiError::bad_request(format!(
+                        "missing request body: expected {EXPECTED}"
+                    )));
+                }
+                let json: serde_json::Value = parse_json(body)?;
+                if !json.is_object() {
+                    return Err(ApiError::bad_request(format!(
+                        "invalid request body: expected {EXPECTED}"
+                    )));
+                }
+                let parsed: SetMemoryBody = serde_json::from_value(json).map_err(|error| {
+                    ApiError::bad_request(format!("invalid request body: {error}"))
+                })?;
+                Ok(ApiRequest::SetMemory(parsed))
+            }
+            Endpoint::SetMemoryPolicy => {
+                let parsed: SetMemoryPolicyBody = parse_object(
+                    body,
+                    r#"{"policy": "auto,min=1G,max=8G"} or {"policy": "off"}"#,
+                )?;
+                Ok(ApiRequest::SetMemoryPolicy {
+                    policy: parsed.policy,
+                })
+            }
             Endpoint::BalloonTarget => {
                 let parsed: SetBalloonBody = parse_object(body, BALLOON_BODY)?;
                 Ok(ApiRequest::SetBalloon {
@@ -897,6 +1090,8 @@ pub(crate) fn success_response(
         ApiResponse::VmInfo(info) => serde_json::to_vec(&info),
         ApiResponse::Balloon(info) => serde_json::to_vec(&info),
         ApiResponse::Dimm(info) => serde_json::to_vec(&info),
+        ApiResponse::Memory(info) => serde_json::to_vec(&info),
+        ApiResponse::MemoryPlan(plan) => serde_json::to_vec(&plan),
     };
     json_response(json_status, json)
 }
@@ -926,6 +1121,9 @@ pub(crate) fn error_response(error: &ApiError) -> Response<Full<Bytes>> {
 
 fn build_response(status: StatusCode, json: Option<Vec<u8>>) -> Response<Full<Bytes>> {
     let has_body = json.is_some();
+    // A `Full` body has an exact length, so hyper sends `Content-Length` (which Cloud
+    // Hypervisor's client needs to find the body) on every answer but a 204, where RFC 9110
+    // forbids it and that client stops at the end of the headers anyway.
     let mut response = Response::new(Full::new(Bytes::from(json.unwrap_or_default())));
     *response.status_mut() = status;
     if has_body {

@@ -99,6 +99,43 @@ fn sample_info() -> VmInfo {
             },
             dimms: vec![sample_dimm("boot-dimm", DimmState::Active)],
         }),
+        payload: Some(PayloadInfo {
+            kernel: "/guest/vmlinux".to_owned(),
+            initramfs: Some("/guest/initramfs.cpio.gz".to_owned()),
+            cmdline: "console=ttyS0".to_owned(),
+        }),
+    }
+}
+
+/// 1 GiB boot, a 4 GiB virtio-mem device with 2 GiB plugged of 2 GiB requested, a balloon
+/// of 256 MiB (128 MiB actual).
+fn sample_memory() -> MemoryStatus {
+    MemoryStatus {
+        boot_ram_bytes: 1 << 30,
+        virtio_mem: vec![MemoryVirtioMem {
+            id: "vmem0".to_owned(),
+            node: 0,
+            block_size: BLOCK_SIZE,
+            region_size: 4 << 30,
+            plugged_size: 2 << 30,
+            requested_size: 2 << 30,
+        }],
+        dimms: vec![],
+        balloon: Some(MemoryBalloon {
+            target_bytes: 256 << 20,
+            actual_bytes: 128 << 20,
+            max_target_bytes: 1 << 30,
+            deflate_on_oom: true,
+            free_page_reporting: false,
+        }),
+        requested_total_bytes: (3 << 30) - (256 << 20),
+        actual_total_bytes: (3 << 30) - (128 << 20),
+        nodes: vec![NodeMemory {
+            node: 0,
+            requested_bytes: 3 << 30,
+        }],
+        min_bytes: 0,
+        max_bytes: 5 << 30,
     }
 }
 
@@ -152,7 +189,9 @@ impl RequestHandler for FakeVmm {
                 target_bytes: 1 << 30,
                 ..Default::default()
             })),
-            ApiRequest::SetBalloon { .. } => Ok(ApiResponse::Empty),
+            ApiRequest::SetBalloon { .. } | ApiRequest::SetMemoryPolicy { .. } => {
+                Ok(ApiResponse::Empty)
+            }
             ApiRequest::AddDimm(body) if body.size == 0 || body.size % DIMM_ALIGN != 0 => {
                 Err(ApiError::bad_request(format!(
                     "DIMM size {} is not a non-zero multiple of 128 MiB",
@@ -191,6 +230,17 @@ impl RequestHandler for FakeVmm {
                  tidevm_vm_running 1\n"
                     .to_owned(),
             )),
+            ApiRequest::MemoryStatus => Ok(ApiResponse::Memory(sample_memory())),
+            ApiRequest::SetMemory(body) if body.size > 5 << 30 => Err(ApiError::bad_request(
+                format!("{} bytes is above the maximum reachable 5368709120 bytes", body.size),
+            )),
+            ApiRequest::SetMemory(body) => Ok(ApiResponse::MemoryPlan(MemoryPlanInfo {
+                target_total_bytes: body.size,
+                steps: vec![MemoryStep::SetVirtioMem {
+                    id: "vmem0".to_owned(),
+                    requested_size: body.size - (1 << 30),
+                }],
+            })),
         }
     }
 }
@@ -1039,14 +1089,584 @@ fn openapi_document_lists_exactly_the_routes() {
     documented.sort();
     let mut routed: Vec<(String, String)> = ROUTES
         .iter()
+        .chain(crate::ch::CH_ROUTES)
+        .chain(crate::server::STREAM_ROUTES)
         .map(|(method, path)| (method.to_string(), path.to_string()))
         .collect();
     routed.sort();
     assert_eq!(documented, routed);
 }
 
+#[test]
+fn memory_routes_round_trip() {
+    let running = start();
+    assert_eq!(running.client.memory().unwrap(), sample_memory());
+    let plan = running.client.set_memory(3 << 30, None).unwrap();
+    assert_eq!(plan.target_total_bytes, 3 << 30);
+    assert_eq!(
+        plan.steps,
+        vec![MemoryStep::SetVirtioMem {
+            id: "vmem0".to_owned(),
+            requested_size: 2 << 30
+        }]
+    );
+    let (status, body) = running
+        .client
+        .call("PUT", "/vm/memory", Some(json!({"size": "4G", "node": 1})))
+        .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(body["steps"][0]["action"], "set_virtio_mem");
+    assert_eq!(body["steps"][0]["requested_size"], 3u64 << 30);
+    // The handler's refusal, naming the limit, reaches the client as it is.
+    let (status, message) = error_of(
+        running
+            .client
+            .call("PUT", "/vm/memory", Some(json!({"size": "6G"})))
+            .unwrap(),
+    );
+    assert_eq!(status, 400);
+    assert!(message.contains("maximum reachable"), "{message}");
+    assert_eq!(
+        running.vmm.requests(),
+        vec![
+            ApiRequest::MemoryStatus,
+            ApiRequest::SetMemory(SetMemoryBody {
+                size: 3 << 30,
+                node: None
+            }),
+            ApiRequest::SetMemory(SetMemoryBody {
+                size: 4 << 30,
+                node: Some(1)
+            }),
+            ApiRequest::SetMemory(SetMemoryBody {
+                size: 6 << 30,
+                node: None
+            }),
+        ]
+    );
+}
+
+#[test]
+fn malformed_memory_requests_never_reach_the_handler() {
+    let running = start();
+    for body in [
+        &b""[..],
+        b"{}",
+        b"[1]",
+        b"{\"size\": -1}",
+        b"{\"size\": \"lots\"}",
+        b"{\"size\": 1, \"node\": -1}",
+        b"{\"size\": 1, \"nodes\": 1}",
+    ] {
+        let (status, message) = error_of(
+            running
+                .client
+                .call_raw("PUT", "/vm/memory", Some(body))
+                .unwrap(),
+        );
+        assert_eq!(status, 400, "{}: {message}", String::from_utf8_lossy(body));
+    }
+    let (status, _) = running
+        .client
+        .call_raw("GET", "/vm/memory", Some(b"{\"size\": 1}"))
+        .unwrap();
+    assert_eq!(status, 400);
+    assert_eq!(
+        running.client.call("DELETE", "/vm/memory", None).unwrap().0,
+        405
+    );
+    assert!(running.vmm.requests().is_empty());
+}
+
+/// Sends `request` as raw bytes and returns the response head, lower-cased, and its body.
+fn raw_exchange(socket: &Path, request: &[u8]) -> (String, Vec<u8>) {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream.write_all(request).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => panic!("no complete response head: {received:?}"),
+            Ok(read) => received.extend_from_slice(&buffer[..read]),
+        }
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).to_ascii_lowercase();
+    let declared_length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map(|length| length.trim().parse::<usize>().unwrap());
+    let length = if head.starts_with("http/1.1 204") {
+        // RFC 9110: no Content-Length (nor a body) on a 204; the answer ends with its head.
+        assert_eq!(declared_length, None, "{head}");
+        0
+    } else {
+        declared_length.unwrap_or_else(|| panic!("no content-length in {head}"))
+    };
+    assert!(!head.contains("transfer-encoding"), "{head}");
+    while received.len() < head_end + length {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => received.extend_from_slice(&buffer[..read]),
+        }
+    }
+    (head, received[head_end..].to_vec())
+}
+
+/// The raw head of the answer to `GET /api/v1/vmm.ping`.
+fn raw_head_of(socket: &Path) -> Vec<u8> {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .write_all(&ch_remote_style("GET", "/api/v1/vmm.ping", ""))
+        .unwrap();
+    read_head(&mut stream).into_bytes()
+}
+
+/// A request the way ch-remote writes it: no Content-Type.
+fn ch_remote_style(method: &str, path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: */*\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+#[test]
+fn every_answer_has_a_content_length_and_no_content_type_is_needed() {
+    let running = start();
+    let socket = running.server.socket_path();
+    let (head, body) = raw_exchange(
+        socket,
+        &ch_remote_style("PUT", "/api/v1/vm.resize", r#"{"desired_ram":3221225472}"#),
+    );
+    // No reason phrase: Cloud Hypervisor's client parses the whole rest of the status line
+    // as the number.
+    assert!(head.starts_with("http/1.1 204 \r\n"), "{head}");
+    assert!(body.is_empty());
+    let (head, body) = raw_exchange(socket, &ch_remote_style("GET", "/api/v1/vmm.ping", ""));
+    assert!(head.starts_with("http/1.1 200 \r\n"), "{head}");
+    // Spelled as Cloud Hypervisor's client looks for it.
+    assert!(
+        String::from_utf8_lossy(&raw_head_of(socket)).contains("\r\nContent-Length: "),
+        "title-case headers"
+    );
+    let ping: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"));
+    // The native API's 204s and errors too.
+    let (head, _) = raw_exchange(socket, &ch_remote_style("PUT", "/vm/reboot", ""));
+    assert!(head.starts_with("http/1.1 204"), "{head}");
+    let (head, body) = raw_exchange(socket, &ch_remote_style("GET", "/nowhere", ""));
+    assert!(head.starts_with("http/1.1 404"), "{head}");
+    assert!(!body.is_empty());
+    assert_eq!(
+        running.vmm.requests(),
+        vec![
+            ApiRequest::SetMemory(SetMemoryBody {
+                size: 3 << 30,
+                node: None
+            }),
+            ApiRequest::Reboot
+        ]
+    );
+}
+
+#[test]
+fn cloud_hypervisor_vm_info_has_its_required_fields() {
+    let running = start();
+    let (status, info) = running.client.call("GET", "/api/v1/vm.info", None).unwrap();
+    assert_eq!(status, 200);
+    // Required by Cloud Hypervisor's OpenAPI document: config, state, config.payload,
+    // cpus.{boot_vcpus,max_vcpus}, memory.size, balloon.size.
+    assert_eq!(info["state"], "Running");
+    let config = &info["config"];
+    assert_eq!(config["payload"]["kernel"], "/guest/vmlinux");
+    assert_eq!(config["payload"]["initramfs"], "/guest/initramfs.cpio.gz");
+    assert_eq!(config["payload"]["cmdline"], "console=ttyS0");
+    assert_eq!(config["cpus"]["boot_vcpus"], 2);
+    assert_eq!(config["cpus"]["max_vcpus"], 2);
+    assert_eq!(config["memory"]["size"], 1u64 << 30);
+    assert_eq!(config["memory"]["hotplug_size"], 4u64 << 30);
+    assert_eq!(config["memory"]["hotplugged_size"], 2u64 << 30);
+    assert_eq!(config["memory"]["hotplug_method"], "VirtioMem");
+    assert_eq!(config["balloon"]["size"], 256u64 << 20);
+    assert_eq!(config["balloon"]["deflate_on_oom"], true);
+    // boot + plugged − balloon actual.
+    assert_eq!(
+        info["memory_actual_size"],
+        (1u64 << 30) + (2 << 30) - (128 << 20)
+    );
+    assert_eq!(
+        running.vmm.requests(),
+        vec![ApiRequest::VmInfo, ApiRequest::MemoryStatus]
+    );
+}
+
+#[test]
+fn cloud_hypervisor_vm_info_without_hotplug_or_balloon() {
+    let mut info = sample_info();
+    info.dimms = None;
+    let mut memory = sample_memory();
+    memory.virtio_mem.clear();
+    memory.balloon = None;
+    let ch_info = serde_json::to_value(crate::ch::vm_info_of(&info, &memory)).unwrap();
+    let memory_config = &ch_info["config"]["memory"];
+    assert_eq!(memory_config["size"], 1u64 << 30);
+    assert!(memory_config.get("hotplug_method").is_none(), "{ch_info}");
+    assert!(ch_info["config"].get("balloon").is_none(), "{ch_info}");
+    assert_eq!(ch_info["memory_actual_size"], 1u64 << 30);
+}
+
+#[test]
+fn cloud_hypervisor_resize_translates_to_tidevm_requests() {
+    let running = start();
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        running.client.call(method, path, body).unwrap()
+    };
+    let (status, body) = call(
+        "PUT",
+        "/api/v1/vm.resize",
+        Some(
+            json!({"desired_ram": 3u64 << 30, "desired_balloon": 512u64 << 20, "desired_vcpus": 2}),
+        ),
+    );
+    assert_eq!((status, body), (204, serde_json::Value::Null));
+    assert_eq!(
+        call(
+            "PUT",
+            "/api/v1/vm.resize-zone",
+            Some(json!({"id": "vmem0", "desired_ram": 1u64 << 30}))
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        running.vmm.requests(),
+        vec![
+            ApiRequest::VmInfo,
+            ApiRequest::SetMemory(SetMemoryBody {
+                size: 3 << 30,
+                node: None
+            }),
+            ApiRequest::SetBalloon {
+                target_size: 512 << 20
+            },
+            ApiRequest::ResizeVirtioMem {
+                id: "vmem0".to_owned(),
+                requested_size: 1 << 30
+            },
+        ]
+    );
+}
+
+#[test]
+fn cloud_hypervisor_refusals_are_500_and_malformed_bodies_400() {
+    let running = start();
+    let call = |method: &str, path: &str, body: Option<serde_json::Value>| {
+        error_of(running.client.call(method, path, body).unwrap())
+    };
+    // ch-remote treats 4xx as success: a refused resize must be a 5xx to be noticed.
+    let (status, message) = call(
+        "PUT",
+        "/api/v1/vm.resize",
+        Some(json!({"desired_ram": 6u64 << 30})),
+    );
+    assert_eq!(status, 500);
+    assert!(message.contains("maximum reachable"), "{message}");
+    let (status, message) = call(
+        "PUT",
+        "/api/v1/vm.resize",
+        Some(json!({"desired_vcpus": 4})),
+    );
+    assert_eq!(status, 500);
+    assert!(message.contains("not supported"), "{message}");
+    let (status, message) = call(
+        "PUT",
+        "/api/v1/vm.resize-zone",
+        Some(json!({"id": "nope", "desired_ram": 0})),
+    );
+    assert_eq!(status, 500);
+    assert!(message.contains("nope"), "{message}");
+    // The VMM saw only the vCPU lookup and the requests it refused.
+    let seen = running.vmm.requests().len();
+    assert_eq!(seen, 3);
+    for (method, path, body) in [
+        ("PUT", "/api/v1/vm.resize", &b""[..]),
+        ("PUT", "/api/v1/vm.resize", b"{}"),
+        ("PUT", "/api/v1/vm.resize", b"[1]"),
+        ("PUT", "/api/v1/vm.resize", b"{\"desired_ram\": -1}"),
+        ("PUT", "/api/v1/vm.resize-zone", b"{\"id\": \"vmem0\"}"),
+    ] {
+        let (status, message) =
+            error_of(running.client.call_raw(method, path, Some(body)).unwrap());
+        assert_eq!(status, 400, "{}: {message}", String::from_utf8_lossy(body));
+    }
+    assert_eq!(
+        error_of(
+            running
+                .client
+                .call("GET", "/api/v1/vm.resize", None)
+                .unwrap()
+        )
+        .0,
+        405
+    );
+    let (status, message) = error_of(running.client.call("PUT", "/api/v1/vm.boot", None).unwrap());
+    assert_eq!(status, 404);
+    assert!(message.contains("vm.resize"), "{message}");
+    assert_eq!(running.vmm.requests().len(), seen);
+}
+
+#[test]
+fn cloud_hypervisor_counters_ping_and_power() {
+    let running = start();
+    let (status, counters) = running
+        .client
+        .call("GET", "/api/v1/vm.counters", None)
+        .unwrap();
+    assert_eq!(status, 200);
+    let device = &sample_info().virtio_mem[0];
+    assert_eq!(counters["vmem0"]["plugged_size"], device.plugged_size);
+    assert_eq!(counters["vmem0"]["requested_size"], device.requested_size);
+    assert_eq!(counters["vmem0"]["ack"], device.counters.ack);
+    assert!(counters["vmem0"]["ack"].is_u64(), "{counters}");
+    assert_eq!(counters["balloon"]["target_bytes"], 1u64 << 30);
+    let (status, ping) = running
+        .client
+        .call("GET", "/api/v1/vmm.ping", None)
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(ping["version"].is_string());
+    for path in [
+        "/api/v1/vm.shutdown",
+        "/api/v1/vm.reboot",
+        "/api/v1/vmm.shutdown",
+    ] {
+        assert_eq!(
+            running.client.call("PUT", path, None).unwrap().0,
+            204,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        running.vmm.requests(),
+        vec![
+            ApiRequest::VmInfo,
+            ApiRequest::MemoryStatus,
+            ApiRequest::BalloonStatus,
+            ApiRequest::Shutdown,
+            ApiRequest::Reboot,
+            ApiRequest::Shutdown,
+        ]
+    );
+}
+
+/// Cloud Hypervisor's own client, from the directory next to the workspace
+/// (`../shared/anchors-bin/ch-remote` from the repository root), or `TIDEVM_CH_REMOTE`.
+fn ch_remote_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("TIDEVM_CH_REMOTE") {
+        return Some(PathBuf::from(path));
+    }
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/anchors-bin/ch-remote");
+    path.is_file().then_some(path)
+}
+
+/// Runs ch-remote against `socket`; returns its exit code, stdout and stderr.
+fn ch_remote(binary: &Path, socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(binary)
+        .arg("--api-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cloud_hypervisors_ch_remote_drives_the_api() {
+    let Some(binary) = ch_remote_binary() else {
+        eprintln!(
+            "SKIPPED: ch-remote not found at ../shared/anchors-bin/ch-remote next to the \
+             workspace (set TIDEVM_CH_REMOTE): Cloud Hypervisor client compatibility NOT tested"
+        );
+        return;
+    };
+    let running = start();
+    let socket = running.server.socket_path();
+
+    let (code, out, err) = ch_remote(&binary, socket, &["ping"]);
+    assert_eq!(code, 0, "ping: {out} {err}");
+    let ping: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(ping["version"], env!("CARGO_PKG_VERSION"));
+
+    let (code, out, err) = ch_remote(&binary, socket, &["info"]);
+    assert_eq!(code, 0, "info: {out} {err}");
+    let info: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(info["config"]["memory"]["hotplug_method"], "VirtioMem");
+    assert_eq!(
+        info["memory_actual_size"],
+        (1u64 << 30) + (2 << 30) - (128 << 20)
+    );
+
+    for args in [
+        &["resize", "--memory", "3G"][..],
+        &["resize", "--balloon", "512M"],
+        &["resize-zone", "--id", "vmem0", "--size", "1G"],
+    ] {
+        let (code, out, err) = ch_remote(&binary, socket, args);
+        assert_eq!(code, 0, "{args:?}: {out} {err}");
+    }
+    // A refusal is a failure for ch-remote (5xx), with the limit in what it prints.
+    let (code, out, err) = ch_remote(&binary, socket, &["resize", "--memory", "6G"]);
+    assert_ne!(code, 0, "{out} {err}");
+    assert!(
+        format!("{out}{err}").contains("maximum reachable"),
+        "{out} {err}"
+    );
+    let (code, out, err) = ch_remote(&binary, socket, &["resize", "--cpus", "4"]);
+    assert_ne!(code, 0, "{out} {err}");
+    assert!(
+        format!("{out}{err}").contains("not supported"),
+        "{out} {err}"
+    );
+
+    let (code, out, err) = ch_remote(&binary, socket, &["counters"]);
+    assert_eq!(code, 0, "counters: {out} {err}");
+    let counters: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(counters["vmem0"]["ack"].is_u64(), "{counters}");
+
+    let received: Vec<ApiRequest> = running
+        .vmm
+        .requests()
+        .into_iter()
+        .filter(|request| {
+            !matches!(
+                request,
+                ApiRequest::VmInfo | ApiRequest::MemoryStatus | ApiRequest::BalloonStatus
+            )
+        })
+        .collect();
+    assert_eq!(
+        received,
+        vec![
+            ApiRequest::SetMemory(SetMemoryBody {
+                size: 3 << 30,
+                node: None
+            }),
+            ApiRequest::SetBalloon {
+                target_size: 512 << 20
+            },
+            ApiRequest::ResizeVirtioMem {
+                id: "vmem0".to_owned(),
+                requested_size: 1 << 30
+            },
+            ApiRequest::SetMemory(SetMemoryBody {
+                size: 6 << 30,
+                node: None
+            }),
+        ]
+    );
+}
+
+/// `GET /vm/events` streams the handler's subscription line by line, as it comes.
+#[test]
+fn events_stream_line_by_line() {
+    struct Publisher(Mutex<Option<std::sync::mpsc::Receiver<String>>>);
+    impl RequestHandler for Publisher {
+        fn handle(&self, _request: ApiRequest) -> Result<ApiResponse, ApiError> {
+            Err(ApiError::internal("not used"))
+        }
+        fn subscribe_events(&self) -> Result<std::sync::mpsc::Receiver<String>, ApiError> {
+            self.0
+                .lock()
+                .unwrap()
+                .take()
+                .ok_or_else(|| ApiError::conflict("one subscriber only"))
+        }
+    }
+    let dir = TempDir::new();
+    let server = ApiServer::bind(&dir.socket()).unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(16);
+    server
+        .spawn(Arc::new(Publisher(Mutex::new(Some(rx)))))
+        .unwrap();
+    let client = ApiClient::new(dir.socket()).with_timeout(Duration::from_secs(10));
+    let publisher = std::thread::spawn(move || {
+        for i in 0..3 {
+            std::thread::sleep(Duration::from_millis(50));
+            tx.send(format!("{{\"seq\": {i}}}")).unwrap();
+        }
+        // Keeps the stream open until the client has read all three.
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let mut lines = Vec::new();
+    client
+        .events(|line| {
+            lines.push(line.to_owned());
+            lines.len() < 3
+        })
+        .unwrap();
+    assert_eq!(lines, vec!["{\"seq\": 0}", "{\"seq\": 1}", "{\"seq\": 2}"]);
+    publisher.join().unwrap();
+    // A second subscriber is refused with the handler's status and message.
+    let error = client.events(|_| true).unwrap_err();
+    assert!(error.to_string().contains("one subscriber only"), "{error}");
+    // Another method on the path is a 405.
+    let (status, _) = client.call("PUT", "/vm/events", None).unwrap();
+    assert_eq!(status, 405);
+}
+
+#[test]
+fn memory_policy_round_trip() {
+    let running = start();
+    let (status, _) = running
+        .client
+        .call(
+            "PUT",
+            "/vm/memory/policy",
+            Some(json!({"policy": "auto,min=1G,max=8G"})),
+        )
+        .unwrap();
+    assert_eq!(status, 204);
+    let (status, _) = running
+        .client
+        .call("PUT", "/vm/memory/policy", Some(json!({"policy": "off"})))
+        .unwrap();
+    assert_eq!(status, 204);
+    for bad in [
+        json!({}),
+        json!({"policy": 5}),
+        json!({"policy": "off", "x": 1}),
+    ] {
+        let (status, _) = running
+            .client
+            .call("PUT", "/vm/memory/policy", Some(bad.clone()))
+            .unwrap();
+        assert_eq!(status, 400, "{bad}");
+    }
+    assert_eq!(
+        running.vmm.requests(),
+        vec![
+            ApiRequest::SetMemoryPolicy {
+                policy: "auto,min=1G,max=8G".into()
+            },
+            ApiRequest::SetMemoryPolicy {
+                policy: "off".into()
+            }
+        ]
+    );
+}
+
 /// Sends one HTTP/1.1 request with `Connection: close` and returns the whole answer.
-fn raw_exchange(mut stream: impl Read + Write, method: &str, path: &str) -> String {
+fn exchange_closing(mut stream: impl Read + Write, method: &str, path: &str) -> String {
     let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).unwrap();
     let mut answer = String::new();
@@ -1061,7 +1681,7 @@ fn metrics_route_answers_prometheus_text() {
     assert!(text.contains("tidevm_vm_running 1"), "{text}");
     assert_eq!(running.vmm.requests(), vec![ApiRequest::Metrics]);
     let stream = UnixStream::connect(running.server.socket_path()).unwrap();
-    let answer = raw_exchange(stream, "GET", "/metrics");
+    let answer = exchange_closing(stream, "GET", "/metrics");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         answer
@@ -1114,6 +1734,18 @@ fn answered_requests_are_counted_by_route_template_and_status() {
     assert_eq!(count("GET", UNKNOWN_ROUTE, 404), 1);
     assert_eq!(count("PUT", "/vm/virtio-mem/{id}", 204), 1);
     assert_eq!(count("PUT", "/vm/virtio-mem/{id}", 404), 1);
+    // Cloud Hypervisor's routes count under their own paths, unknown ones as unknown.
+    let (status, _) = running
+        .client
+        .call("GET", "/api/v1/vmm.ping", None)
+        .unwrap();
+    assert_eq!(count("GET", "/api/v1/vmm.ping", status), 1);
+    let (status, _) = running
+        .client
+        .call("GET", "/api/v1/vm.nosuch", None)
+        .unwrap();
+    assert_eq!(status, 404);
+    assert_eq!(count("GET", UNKNOWN_ROUTE, 404), 2);
     // Raw paths never become labels.
     assert!(running
         .server
@@ -1130,7 +1762,7 @@ fn metrics_listener_serves_get_metrics_over_tcp_only() {
     let thread = listener.spawn(vmm.clone()).unwrap();
     let connect = || std::net::TcpStream::connect(listener.local_addr()).unwrap();
 
-    let answer = raw_exchange(connect(), "GET", "/metrics");
+    let answer = exchange_closing(connect(), "GET", "/metrics");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(
         answer
@@ -1139,8 +1771,8 @@ fn metrics_listener_serves_get_metrics_over_tcp_only() {
         "{answer}"
     );
     assert!(answer.ends_with("tidevm_vm_running 1\n"), "{answer}");
-    assert!(raw_exchange(connect(), "GET", "/vm/info").starts_with("HTTP/1.1 404"));
-    let refused = raw_exchange(connect(), "PUT", "/metrics");
+    assert!(exchange_closing(connect(), "GET", "/vm/info").starts_with("HTTP/1.1 404"));
+    let refused = exchange_closing(connect(), "PUT", "/metrics");
     assert!(refused.starts_with("HTTP/1.1 405"), "{refused}");
     // Only the one scrape reached the VMM, as a metrics request.
     assert_eq!(vmm.requests(), vec![ApiRequest::Metrics]);

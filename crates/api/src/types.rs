@@ -44,6 +44,25 @@ pub enum ApiRequest {
     /// `GET /metrics` (on the API socket, or on the `--metrics-listen` port): the VMM's
     /// metrics in the Prometheus text format.
     Metrics,
+    /// `GET /vm/memory`: the guest's memory from every source, the total and the limits.
+    MemoryStatus,
+    /// `PUT /vm/memory`: bring the guest's total memory to `size` (the VMM plans the
+    /// virtio-mem and balloon changes).
+    SetMemory(SetMemoryBody),
+    /// `PUT /vm/memory/policy`: turn the memory autopilot on with `policy` (the syntax of
+    /// `--memory-policy`, e.g. `auto,min=1G,max=8G`) or off (`off`).
+    SetMemoryPolicy {
+        /// The policy, or `off`.
+        policy: String,
+    },
+}
+
+/// Body of `PUT /vm/memory/policy`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMemoryPolicyBody {
+    /// `auto,min=SIZE,max=SIZE[,...]` as `--memory-policy` takes it, or `off`.
+    pub policy: String,
 }
 
 /// What a successful request returns.
@@ -60,6 +79,141 @@ pub enum ApiResponse {
     /// Metrics in the Prometheus text format, version 0.0.4: HTTP 200 with
     /// [`METRICS_CONTENT_TYPE`].
     Metrics(String),
+    /// The guest's memory: HTTP 200 with a [`MemoryStatus`] body.
+    Memory(MemoryStatus),
+    /// The steps taken towards a new total: HTTP 200 with a [`MemoryPlanInfo`] body.
+    MemoryPlan(MemoryPlanInfo),
+}
+
+/// Body of `PUT /vm/memory`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetMemoryBody {
+    /// The guest's new total memory in bytes (integer, or a string like `"6G"`).
+    #[serde(deserialize_with = "deserialize_byte_size")]
+    pub size: u64,
+    /// Change only this NUMA node's virtio-mem devices (and the balloon); `size` is still
+    /// the guest's total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u32>,
+}
+
+/// One virtio-mem device in [`MemoryStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryVirtioMem {
+    /// Device id.
+    pub id: String,
+    /// Guest NUMA node.
+    pub node: u32,
+    /// Plug granularity in bytes.
+    pub block_size: u64,
+    /// Most the device can plug, in bytes.
+    pub region_size: u64,
+    /// Bytes the guest has plugged now.
+    pub plugged_size: u64,
+    /// Bytes the host asked for.
+    pub requested_size: u64,
+}
+
+/// One DIMM in [`MemoryStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryDimm {
+    /// DIMM id.
+    pub id: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Guest NUMA node.
+    pub node: u32,
+}
+
+/// The balloon in [`MemoryStatus`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryBalloon {
+    /// Bytes the host asked the guest to give back.
+    pub target_bytes: u64,
+    /// Bytes the guest says it has given back.
+    pub actual_bytes: u64,
+    /// Largest target accepted (the boot memory).
+    pub max_target_bytes: u64,
+    /// Whether the guest may deflate when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// Whether the guest reports its free pages.
+    pub free_page_reporting: bool,
+}
+
+/// Requested memory of one NUMA node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeMemory {
+    /// Node id.
+    pub node: u32,
+    /// Boot RAM, virtio-mem requested and DIMMs of the node, in bytes (the balloon is not
+    /// counted per node: the guest chooses which pages it gives back).
+    pub requested_bytes: u64,
+}
+
+/// Body of `GET /vm/memory`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryStatus {
+    /// Boot RAM in bytes.
+    pub boot_ram_bytes: u64,
+    /// virtio-mem devices.
+    pub virtio_mem: Vec<MemoryVirtioMem>,
+    /// DIMMs plugged now.
+    pub dimms: Vec<MemoryDimm>,
+    /// The balloon, if the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<MemoryBalloon>,
+    /// What the guest is asked to have: boot + virtio-mem requested + DIMMs − balloon
+    /// target.
+    pub requested_total_bytes: u64,
+    /// What the guest has now: boot + virtio-mem plugged + DIMMs − balloon actual.
+    pub actual_total_bytes: u64,
+    /// Requested memory per NUMA node.
+    pub nodes: Vec<NodeMemory>,
+    /// Smallest total `PUT /vm/memory` can reach.
+    pub min_bytes: u64,
+    /// Largest total `PUT /vm/memory` can reach.
+    pub max_bytes: u64,
+}
+
+/// One step of a memory plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum MemoryStep {
+    /// A virtio-mem device's requested size was set.
+    SetVirtioMem {
+        /// Device id.
+        id: String,
+        /// New requested size in bytes.
+        requested_size: u64,
+    },
+    /// The balloon's target was set.
+    SetBalloon {
+        /// New target in bytes.
+        target_size: u64,
+    },
+}
+
+/// Body of the answer to `PUT /vm/memory`: what was asked of the devices, in order. The
+/// guest carries the steps out asynchronously; `GET /vm/memory` shows how far it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryPlanInfo {
+    /// The total asked for, in bytes.
+    pub target_total_bytes: u64,
+    /// The steps (empty when the guest was already asked for this total).
+    pub steps: Vec<MemoryStep>,
+}
+
+/// What the VM boots (as `vm.info` of Cloud Hypervisor's API shows it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadInfo {
+    /// Kernel path.
+    pub kernel: String,
+    /// Initramfs path, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initramfs: Option<String>,
+    /// Kernel command line.
+    pub cmdline: String,
 }
 
 /// `Content-Type` of `GET /metrics`: the Prometheus text format, version 0.0.4 (what the
@@ -260,6 +414,9 @@ pub struct VmInfo {
     /// ACPI DIMM hotplug, when the VM has slots (`--memory ...,slots=N,maxmem=SIZE`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dimms: Option<DimmsInfo>,
+    /// What the VM boots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<PayloadInfo>,
 }
 
 /// Body of `PUT /vm/virtio-mem/{id}`.
@@ -436,6 +593,114 @@ impl ApiError {
 pub trait RequestHandler: Send + Sync + 'static {
     /// Carry out `request`.
     fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError>;
+
+    /// A new subscription to the VMM's events (`GET /vm/events`): one JSON [`Event`] per
+    /// line. `Err` when the VMM publishes none or has as many subscribers as it serves.
+    fn subscribe_events(&self) -> Result<std::sync::mpsc::Receiver<String>, ApiError> {
+        Err(ApiError::not_found("this VMM publishes no events"))
+    }
+}
+
+/// One event of `GET /vm/events`, as a JSON line: `{"seq": n, "ms": t, "event": "...", ...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Sequence number, from 1, without gaps unless events were lost (see `Lost`).
+    pub seq: u64,
+    /// Milliseconds since the VMM started.
+    pub ms: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub event: Event,
+}
+
+/// What the VMM reports as it happens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// A resize was asked of a mechanism (`virtio-mem`, `balloon`, `dimm`).
+    ResizeStarted {
+        /// The mechanism.
+        mechanism: String,
+        /// The device (virtio-mem id, DIMM id, `balloon`).
+        device: String,
+        /// The size asked for, in bytes.
+        target_bytes: u64,
+    },
+    /// The guest moved towards a target.
+    ResizeProgress {
+        /// The mechanism.
+        mechanism: String,
+        /// The device.
+        device: String,
+        /// Where it is now, in bytes.
+        current_bytes: u64,
+        /// The target, in bytes.
+        target_bytes: u64,
+    },
+    /// The guest reached a target.
+    ResizeFinished {
+        /// The mechanism.
+        mechanism: String,
+        /// The device.
+        device: String,
+        /// The size reached, in bytes.
+        bytes: u64,
+    },
+    /// A resize could not complete (the guest answered BUSY, refused an eject, ...).
+    ResizeFailed {
+        /// The mechanism.
+        mechanism: String,
+        /// The device.
+        device: String,
+        /// Why.
+        reason: String,
+    },
+    /// `PUT /vm/memory` planned a total: its steps follow as `resize_started` events.
+    MemoryPlanned {
+        /// The total asked for, in bytes.
+        target_total_bytes: u64,
+        /// The steps, in words.
+        steps: Vec<String>,
+    },
+    /// The guest answered an ACPI event about a DIMM slot (`_OST`).
+    Ost {
+        /// The slot.
+        slot: u32,
+        /// The ACPI event.
+        acpi_event: u32,
+        /// The status code.
+        status: u32,
+        /// Both, in words.
+        meaning: String,
+    },
+    /// The guest touched memory it does not own.
+    MemoryViolation {
+        /// Guest-physical address, if KVM gave one.
+        gpa: Option<u64>,
+        /// `read`, `write` or `unknown`.
+        access: String,
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// The balloon noticed something about the guest (reused pages, stale statistics).
+    BalloonWarning {
+        /// What.
+        message: String,
+    },
+    /// The memory autopilot decided something, with what made it decide.
+    AutopilotDecision {
+        /// The decision, in words.
+        decision: String,
+        /// The target it set, if any, in bytes.
+        target_bytes: Option<u64>,
+        /// The inputs, as name/value pairs.
+        inputs: std::collections::BTreeMap<String, i64>,
+    },
+    /// This subscriber did not read fast enough: `count` events were dropped for it.
+    Lost {
+        /// Events dropped.
+        count: u64,
+    },
 }
 
 /// Parse a byte size: a plain number of bytes, or a number followed by a

@@ -427,6 +427,26 @@ impl<'lane> Guest<'lane> {
         self.lane_sh(&format!("{} 2>&1", self.ctl_script(args)), timeout)
     }
 
+    /// Runs Cloud Hypervisor's `ch-remote --api-socket <sock> <args>` in the lane, allowed
+    /// `timeout`, with stderr in the output (where it reports errors). `None` when the lane
+    /// has no `ch-remote` (see [`crate::ch_remote_binary`]).
+    pub fn ch_remote(&self, args: &[&str], timeout: Duration) -> Result<Option<(i32, String)>> {
+        let Some(ch_remote) = self.lane.lane_ch_remote() else {
+            return Ok(None);
+        };
+        let mut script = format!(
+            "{} --api-socket {}",
+            shell_quote(ch_remote),
+            shell_quote(&self.api_socket())
+        );
+        for arg in args {
+            script.push(' ');
+            script.push_str(&shell_quote(arg));
+        }
+        script.push_str(" 2>&1");
+        self.lane_sh(&script, timeout).map(Some)
+    }
+
     fn ctl_script(&self, args: &[&str]) -> String {
         let mut script = format!(
             "{} ctl --api-socket {}",

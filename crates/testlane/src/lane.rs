@@ -183,6 +183,32 @@ pub fn tidevm_binary() -> Result<PathBuf> {
     })
 }
 
+/// Cloud Hypervisor's `ch-remote`, to test tidevm's Cloud Hypervisor-compatible routes with
+/// that VMM's own client: `TIDEVM_CH_REMOTE`, else `../shared/anchors-bin/ch-remote` next to
+/// the workspace. `None` when it is not there (the scenarios that need it say SKIPPED).
+pub fn ch_remote_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("TIDEVM_CH_REMOTE") {
+        return Some(PathBuf::from(path)).filter(|path| path.is_file());
+    }
+    let path = workspace_root().join("../shared/anchors-bin/ch-remote");
+    path.is_file().then_some(path)
+}
+
+/// Where the nested lane's L1 has `ch-remote`.
+const L1_CH_REMOTE: &str = "/usr/local/bin/ch-remote";
+/// Where the nested lane's L1 has `cloud-hypervisor`.
+const L1_CLOUD_HYPERVISOR: &str = "/usr/local/bin/cloud-hypervisor";
+
+/// Cloud Hypervisor itself, for side-by-side benchmarks: `TIDEVM_CLOUD_HYPERVISOR`, else
+/// `../shared/anchors-bin/cloud-hypervisor` next to the workspace, if there.
+pub fn cloud_hypervisor_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("TIDEVM_CLOUD_HYPERVISOR") {
+        return Some(PathBuf::from(path)).filter(|path| path.is_file());
+    }
+    let path = workspace_root().join("../shared/anchors-bin/cloud-hypervisor");
+    path.is_file().then_some(path)
+}
+
 /// How long L1 may take to boot and start its agent. About 5-10 s on an
 /// idle machine; generous because CI machines are busy.
 fn l1_boot_timeout() -> Duration {
@@ -204,6 +230,10 @@ pub struct Lane {
     lane_tidevm: String,
     /// Where guests keep their files inside the lane.
     lane_work_dir: String,
+    /// Cloud Hypervisor's `ch-remote` as seen from inside the lane, if it was found.
+    lane_ch_remote: Option<String>,
+    /// Cloud Hypervisor as seen from inside the lane, if it was found.
+    lane_cloud_hypervisor: Option<String>,
     nested: Option<NestedHost>,
     next_guest: AtomicU64,
 }
@@ -226,6 +256,8 @@ impl Lane {
             ));
         }
         let run_dir = new_run_dir(&paths)?;
+        let ch_remote = ch_remote_binary();
+        let cloud_hypervisor = cloud_hypervisor_binary();
         match kind {
             LaneKind::Direct => {
                 eprintln!(
@@ -242,6 +274,8 @@ impl Lane {
                     kind,
                     lane_tidevm: tidevm.display().to_string(),
                     lane_work_dir: work_dir.display().to_string(),
+                    lane_ch_remote: ch_remote.map(|path| path.display().to_string()),
+                    lane_cloud_hypervisor: cloud_hypervisor.map(|path| path.display().to_string()),
                     paths,
                     run_dir,
                     nested: None,
@@ -256,7 +290,14 @@ tidevm inside it); logs in {} ====",
                 );
                 let qemu = facts.qemu.clone().expect("choose_lane checked QEMU");
                 let started = Instant::now();
-                let nested = NestedHost::boot(&qemu, &paths, &run_dir, tidevm_binary)?;
+                let extras: Vec<(&str, &Path)> = [
+                    (L1_CH_REMOTE, ch_remote.as_deref()),
+                    (L1_CLOUD_HYPERVISOR, cloud_hypervisor.as_deref()),
+                ]
+                .into_iter()
+                .filter_map(|(at, host)| host.map(|host| (at, host)))
+                .collect();
+                let nested = NestedHost::boot(&qemu, &paths, &run_dir, tidevm_binary, &extras)?;
                 eprintln!(
                     "==== L1 test host up after {:.1} s ====",
                     started.elapsed().as_secs_f64()
@@ -265,6 +306,8 @@ tidevm inside it); logs in {} ====",
                     kind,
                     lane_tidevm: "/usr/local/bin/tidevm".into(),
                     lane_work_dir: "/run/tidevm-lane".into(),
+                    lane_ch_remote: ch_remote.map(|_| L1_CH_REMOTE.to_owned()),
+                    lane_cloud_hypervisor: cloud_hypervisor.map(|_| L1_CLOUD_HYPERVISOR.to_owned()),
                     paths,
                     run_dir,
                     nested: Some(nested),
@@ -337,6 +380,17 @@ tidevm inside it); logs in {} ====",
     /// Path of the tidevm binary as seen from inside the lane.
     pub fn lane_tidevm(&self) -> &str {
         &self.lane_tidevm
+    }
+    /// Path of Cloud Hypervisor's `ch-remote` as seen from inside the lane, if the lane has
+    /// it (see [`ch_remote_binary`]).
+    pub fn lane_ch_remote(&self) -> Option<&str> {
+        self.lane_ch_remote.as_deref()
+    }
+
+    /// Path of Cloud Hypervisor as seen from inside the lane, if the lane has it (see
+    /// [`cloud_hypervisor_binary`]).
+    pub fn lane_cloud_hypervisor(&self) -> Option<&str> {
+        self.lane_cloud_hypervisor.as_deref()
     }
     pub(crate) fn lane_work_dir(&self) -> &str {
         &self.lane_work_dir
@@ -454,9 +508,15 @@ struct NestedHost {
 }
 
 impl NestedHost {
-    fn boot(qemu: &Path, paths: &LanePaths, run_dir: &Path, tidevm: &Path) -> Result<NestedHost> {
+    fn boot(
+        qemu: &Path,
+        paths: &LanePaths,
+        run_dir: &Path,
+        tidevm: &Path,
+        extras: &[(&str, &Path)],
+    ) -> Result<NestedHost> {
         let initrd = run_dir.join("l1-initrd.cpio");
-        build_l1_initrd(&paths.l1_base_cpio(), tidevm, &initrd)?;
+        build_l1_initrd(&paths.l1_base_cpio(), tidevm, extras, &initrd)?;
         let console_log = run_dir.join("l1-console.log");
         let qemu_log = run_dir.join("qemu.log");
         // Unix socket paths are limited to 108 bytes, so the socket lives in
@@ -723,23 +783,38 @@ impl Agent {
 }
 
 /// Writes L1's initrd for this run: the cached base archive followed by a
-/// second archive with tidevm (as /usr/local/bin/tidevm) and the shared
-/// libraries `ldd` lists, at their own paths. The kernel unpacks
-/// concatenated archives one after the other.
-fn build_l1_initrd(base: &Path, tidevm: &Path, out: &Path) -> Result<()> {
+/// second archive with tidevm (as /usr/local/bin/tidevm), `ch-remote` if
+/// given (as /usr/local/bin/ch-remote) and the shared libraries `ldd` lists
+/// for them, at their own paths. The kernel unpacks concatenated archives one
+/// after the other.
+/// `base` plus a second archive with tidevm, the `extras` (L1 path, host path) and every
+/// shared library they need.
+fn build_l1_initrd(base: &Path, tidevm: &Path, extras: &[(&str, &Path)], out: &Path) -> Result<()> {
     let io_error =
         |what: &Path, e: io::Error| LaneError::failed(format!("{}: {e}", what.display()));
     fs::copy(base, out).map_err(|e| io_error(base, e))?;
-    let mut files = vec![("usr/local/bin/tidevm".to_string(), tidevm.to_path_buf())];
-    let ldd = Command::new("ldd")
-        .arg(tidevm)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| LaneError::failed(format!("ldd: {e}")))?;
-    // A static binary makes ldd fail; it then needs no libraries.
-    if ldd.status.success() {
-        for library in text::parse_ldd(&String::from_utf8_lossy(&ldd.stdout)) {
-            files.push((library.trim_start_matches('/').to_string(), library.into()));
+    let mut files = Vec::new();
+    let binaries = std::iter::once(("usr/local/bin/tidevm", tidevm)).chain(
+        extras
+            .iter()
+            .map(|&(at, path)| (at.trim_start_matches('/'), path)),
+    );
+    for (name, binary) in binaries {
+        files.push((name.to_string(), binary.to_path_buf()));
+        let ldd = Command::new("ldd")
+            .arg(binary)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| LaneError::failed(format!("ldd: {e}")))?;
+        // A static binary makes ldd fail; it then needs no libraries.
+        if ldd.status.success() {
+            for library in text::parse_ldd(&String::from_utf8_lossy(&ldd.stdout)) {
+                let name = library.trim_start_matches('/').to_string();
+                // Every binary needs libc; one copy in the archive is enough.
+                if files.iter().all(|(existing, _)| *existing != name) {
+                    files.push((name, library.into()));
+                }
+            }
         }
     }
     let archive = File::options()

@@ -28,7 +28,10 @@ pub mod text;
 
 pub use error::{LaneError, Result};
 pub use guest::{Guest, GuestOptions, L1Thp, GUEST_PROMPT, GUEST_READY, TRIPLE_FAULT};
-pub use lane::{choose_lane, tidevm_binary, workspace_root, Lane, LaneFacts, LaneKind, LanePaths};
+pub use lane::{
+    ch_remote_binary, choose_lane, cloud_hypervisor_binary, tidevm_binary, workspace_root, Lane,
+    LaneFacts, LaneKind, LanePaths,
+};
 
 /// Starts a lane for the tidevm binary found by [`tidevm_binary`], or prints
 /// `SKIPPED: <reason>` loudly and returns `None`. Panics on real failures.

@@ -25,16 +25,33 @@ fn fail_fast_outside_the_api() {
     }));
 }
 
+/// Sets up logging to stderr as `--log-level` and `--log-format` ask; a filter that does
+/// not parse is a usage error, named.
+fn init_logging(args: &cli::Cli) -> Result<(), String> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match &args.log_level {
+        Some(level) => {
+            EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level '{level}': {e}"))?
+        }
+        None => EnvFilter::try_from_env("TIDEVM_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match args.log_format {
+        cli::LogFormat::Text => builder.init(),
+        cli::LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     fail_fast_outside_the_api();
     let args = cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TIDEVM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
+    if let Err(message) = init_logging(&args) {
+        eprintln!("tidevm: error: {message}");
+        return ExitCode::from(2);
+    }
     match cli::dispatch(args) {
         Ok(code) => ExitCode::from(code),
         Err(error) => {

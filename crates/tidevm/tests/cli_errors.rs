@@ -251,6 +251,97 @@ fn bad_api_socket_mode() {
     }
 }
 
+/// `--memory-policy`: parse errors and the checks against the rest of the VM name the option
+/// and the offending key. The kernel is junk, so a value that passed would fail later on the
+/// kernel instead: every case must be refused before that.
+#[test]
+fn bad_memory_policy() {
+    let kernel = junk_kernel("autopilot");
+    let kernel = kernel.0.to_str().unwrap();
+    let stats = ["--balloon", "stats-interval=2s"];
+    let big = ["--virtio-mem", "id=m0,size=8G"];
+    let cases: &[(&str, &[&str], &[&str])] = &[
+        ("manual,min=1G,max=2G", &[], &["--memory-policy", "auto"]),
+        (
+            "auto,min=2G,max=1G",
+            &[],
+            &["--memory-policy", "min 2 GiB is above max 1 GiB"],
+        ),
+        (
+            "auto,min=1000M,max=2G",
+            &[],
+            &["--memory-policy", "min=1000M", "128 MiB"],
+        ),
+        (
+            "auto,min=1G,max=2G,floor=64M",
+            &[],
+            &["floor=64M", "128 MiB"],
+        ),
+        (
+            "auto,min=1G,max=2G,interval=0s",
+            &[],
+            &["--memory-policy", "interval must not be zero"],
+        ),
+        (
+            "auto,min=1G,max=2G,interval=2",
+            &[],
+            &["interval='2'", "duration"],
+        ),
+        ("auto,min=1G,max=2G,turbo=on", &[], &["unknown key 'turbo'"]),
+        ("auto,max=2G", &[], &["min= is required"]),
+        (
+            "auto,min=1G,max=2G,psi-some=150",
+            &[],
+            &["psi-some='150'", "percentage"],
+        ),
+        (
+            "auto,min=1G,max=2G",
+            &[],
+            &["--memory-policy", "--balloon", "statistics"],
+        ),
+        (
+            "auto,min=1G,max=2G",
+            &["--balloon", ""],
+            &["--memory-policy", "stats-interval (5s)"],
+        ),
+        (
+            "auto,min=1G,max=4G",
+            &stats,
+            &["--memory-policy", "max is more than"],
+        ),
+        (
+            "auto,min=1G,max=4G,interval=1s",
+            &[
+                "--balloon",
+                "stats-interval=2s",
+                "--virtio-mem",
+                "id=m0,size=8G",
+            ],
+            &["--memory-policy", "stats-interval (2s)", "1000 ms"],
+        ),
+    ];
+    for (policy, extra, names) in cases {
+        let mut args = vec![
+            "run",
+            "--kernel",
+            kernel,
+            "--serial",
+            "off",
+            "--memory-policy",
+            policy,
+        ];
+        args.extend_from_slice(extra);
+        expect_error(&args, names);
+    }
+    // A valid policy gets past every check: the error is the junk kernel's.
+    let mut args = vec!["run", "--kernel", kernel, "--serial", "off"];
+    args.extend_from_slice(&["--memory-policy", "auto,min=1G,max=4G"]);
+    args.extend_from_slice(&stats);
+    args.extend_from_slice(&big);
+    let line = expect_error(&args, &[]);
+    assert!(!line.contains("memory-policy"), "{line}");
+}
+
 /// Sizes and counts near 2^64 must be refused by name, not wrap around a check or panic.
 #[test]
 fn numbers_that_would_overflow() {
@@ -307,6 +398,97 @@ fn numbers_that_would_overflow() {
         args.extend_from_slice(options);
         expect_error(&args, names);
     }
+}
+
+/// Expected manners: `--version`, `--log-level` and `--log-format` are there, and a bad
+/// `--log-level` is a one-line usage error.
+#[test]
+fn version_and_log_options() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tidevm"))
+        .arg("--version")
+        .output()
+        .expect("run the tidevm binary");
+    assert!(output.status.success());
+    let version = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        version.starts_with("tidevm ") && version.contains(env!("CARGO_PKG_VERSION")),
+        "{version}"
+    );
+    let kernel = junk_kernel("log-level");
+    let kernel = kernel.0.to_str().unwrap();
+    expect_error(
+        &["--log-level", "=nonsense=", "run", "--kernel", kernel],
+        &["--log-level"],
+    );
+    // JSON logs: the kernel error still ends the run, and the log options parse.
+    expect_error(
+        &[
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            "run",
+            "--kernel",
+            kernel,
+        ],
+        &["kernel"],
+    );
+}
+
+/// `tidevm ctl` exits non-zero on a 4xx or 5xx and prints the server's message.
+#[test]
+fn ctl_fails_with_the_servers_message() {
+    use std::sync::Arc;
+    use tidevm_api::{ApiError, ApiRequest, ApiResponse, ApiServer, RequestHandler};
+
+    struct Refuses;
+    impl RequestHandler for Refuses {
+        fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
+            match request {
+                ApiRequest::ResizeVirtioMem { .. } => {
+                    Err(ApiError::not_found("no virtio-mem device with id nosuch"))
+                }
+                _ => Err(ApiError::internal("the VMM is on fire")),
+            }
+        }
+    }
+    let socket =
+        std::env::temp_dir().join(format!("tidevm-cli-errors-{}-ctl.sock", std::process::id()));
+    let server = ApiServer::bind(&socket).expect("bind a test API socket");
+    server.spawn(Arc::new(Refuses)).expect("serve it");
+    let socket = socket.to_str().unwrap();
+    let line = expect_error(
+        &["ctl", "--api-socket", socket, "resize-mem", "nosuch", "1G"],
+        &["nosuch"],
+    );
+    assert!(
+        line.contains("404") || line.contains("no virtio-mem"),
+        "{line}"
+    );
+    expect_error(&["ctl", "--api-socket", socket, "reboot"], &["on fire"]);
+    drop(server);
+}
+
+#[test]
+fn ctl_memory_with_a_bad_size() {
+    expect_error(
+        &[
+            "ctl",
+            "--api-socket",
+            "/nonexistent/tidevm.sock",
+            "memory",
+            "6X",
+        ],
+        &["6X"],
+    );
+}
+
+#[test]
+fn ctl_memory_without_a_vm() {
+    expect_error(
+        &["ctl", "--api-socket", "/nonexistent", "memory"],
+        &["/nonexistent"],
+    );
 }
 
 #[test]

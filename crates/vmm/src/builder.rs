@@ -31,6 +31,7 @@ use crate::devices::virtio::transport_pci::{
 };
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::Bus;
+use crate::events::EventBus;
 use crate::memory::placement::{plan_hotplug_area, HotplugPlan};
 use crate::memory::{DimmMemoryError, HotplugRegionId, MemoryManager};
 use crate::memory_service::{MemoryDevices, MemoryService, MemorySettings};
@@ -259,6 +260,7 @@ pub fn build_vm(
     console: &Console,
     exit: &ExitRequester,
     vcpu_exits: &Arc<VcpuExits>,
+    events: &Arc<EventBus>,
 ) -> Result<RunningVm, BuildError> {
     let vm_fd = Arc::new(vm::create_vm(kvm)?);
     let layout = GuestLayout::new(config.memory.size);
@@ -375,6 +377,7 @@ pub fn build_vm(
             dimms,
         },
         settings,
+        events.clone(),
     );
     Ok(RunningVm {
         vcpus,

@@ -1,6 +1,7 @@
 //! A VM's configuration, validated before anything is created.
 
 use crate::memory::Backing;
+use crate::memory_service::autopilot::PolicyConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -514,6 +515,9 @@ pub struct VmConfig {
     pub balloon: Option<BalloonDeviceConfig>,
     /// DIMMs plugged now (empty at start; the API adds and removes them).
     pub dimms: Vec<DimmConfig>,
+    /// The autopilot's policy (`--memory-policy`). Parsed and validated only: nothing acts
+    /// on it until a planner carries its targets out.
+    pub memory_policy: Option<PolicyConfig>,
 }
 
 /// What happens when the guest touches hotplug memory that is not plugged.
@@ -587,6 +591,7 @@ impl VmConfig {
                 ),
             });
         }
+        self.validate_memory_policy()?;
         for (i, device) in self.virtio_mem.iter().enumerate() {
             if self.virtio_mem[..i].iter().any(|d| d.id == device.id) {
                 return Err(ConfigError::InvalidOption {
@@ -614,6 +619,18 @@ impl VmConfig {
 }
 
 impl VmConfig {
+    fn validate_memory_policy(&self) -> Result<(), ConfigError> {
+        match &self.memory_policy {
+            Some(policy) => check_memory_policy(
+                policy,
+                self.balloon.as_ref(),
+                &self.memory,
+                &self.virtio_mem,
+            ),
+            None => Ok(()),
+        }
+    }
+
     fn validate_numa(&self) -> Result<(), ConfigError> {
         let invalid = |value: String, reason: String| ConfigError::InvalidOption {
             option: "numa",
@@ -712,6 +729,60 @@ pub fn format_size(bytes: u64) -> String {
         }
     }
     format!("{bytes} B")
+}
+
+/// The policy needs the guest's statistics at least once per interval (they are its view
+/// of the guest), and a `max` the VM's devices can reach.
+pub fn check_memory_policy(
+    policy: &PolicyConfig,
+    balloon: Option<&BalloonDeviceConfig>,
+    memory: &MemoryConfig,
+    virtio_mem: &[VirtioMemDeviceConfig],
+) -> Result<(), ConfigError> {
+    let invalid = |reason: String| ConfigError::InvalidOption {
+        option: "memory-policy",
+        value: format!(
+            "min={},max={}",
+            format_size(policy.min),
+            format_size(policy.max)
+        ),
+        reason,
+    };
+    let stats = balloon.and_then(|b| b.stats_interval);
+    match stats {
+        None => {
+            return Err(invalid(
+                "it needs --balloon with statistics (stats-interval above 0s): the \
+                 guest's statistics are what the policy decides from"
+                    .into(),
+            ))
+        }
+        Some(stats) if stats > policy.interval => {
+            return Err(invalid(format!(
+                "the balloon's stats-interval ({}s) is longer than the policy's interval \
+                 ({} ms): set --balloon stats-interval to at most the policy's interval, \
+                 or a longer interval=",
+                stats.as_secs(),
+                policy.interval.as_millis()
+            )))
+        }
+        Some(_) => {}
+    }
+    let reachable = virtio_mem
+        .iter()
+        .try_fold(
+            memory.size.saturating_add(memory.dimm_budget()),
+            |total, d| total.checked_add(d.size),
+        )
+        .unwrap_or(u64::MAX);
+    if policy.max > reachable {
+        return Err(invalid(format!(
+            "max is more than the {} the VM can reach (boot memory, virtio-mem regions \
+             and the DIMM budget of --memory maxmem)",
+            format_size(reachable)
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -824,6 +895,7 @@ mod tests {
             numa: Vec::new(),
             balloon: None,
             dimms: Vec::new(),
+            memory_policy: None,
         }
     }
 
@@ -920,6 +992,7 @@ mod tests {
             numa: Vec::new(),
             balloon: None,
             dimms: Vec::new(),
+            memory_policy: None,
         };
         assert!(config.validate(Some(4 << 30)).is_ok());
         let err = config.validate(Some(512 << 20)).unwrap_err().to_string();
@@ -932,6 +1005,27 @@ mod tests {
         config.cpus = 0;
         assert!(config.validate(None).is_err());
         config.cpus = 1;
+        // The memory policy: it needs balloon statistics at least once per interval, and a
+        // max the devices reach.
+        config.memory_policy = Some(PolicyConfig::parse("auto,min=1G,max=3G").unwrap());
+        let err = config.validate(None).unwrap_err().to_string();
+        assert!(
+            err.contains("--memory-policy") && err.contains("statistics"),
+            "{err}"
+        );
+        config.balloon = Some(BalloonDeviceConfig::parse("").unwrap());
+        let err = config.validate(None).unwrap_err().to_string();
+        assert!(err.contains("stats-interval (5s)"), "{err}");
+        config.balloon = Some(BalloonDeviceConfig::parse("stats-interval=2s").unwrap());
+        let err = config.validate(None).unwrap_err().to_string();
+        assert!(err.contains("max is more than the 1 GiB"), "{err}");
+        config.virtio_mem = vec![VirtioMemDeviceConfig::parse("id=m0,size=2G").unwrap()];
+        assert!(config.validate(None).is_ok());
+        config.memory_policy = Some(PolicyConfig::parse("auto,min=1G,max=4G").unwrap());
+        assert!(config.validate(None).is_err());
+        config.memory_policy = None;
+        config.balloon = None;
+        config.virtio_mem = Vec::new();
         config.kernel = "/nonexistent/vmlinux".into();
         assert!(config
             .validate(None)

@@ -15,6 +15,7 @@ pub mod builder;
 pub mod config;
 pub mod console;
 pub mod devices;
+pub mod events;
 pub mod logging;
 pub mod memory;
 pub mod memory_service;

@@ -17,6 +17,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::builder::{build_vm, BuildError, RunningVm};
 use crate::config::VmConfig;
 use crate::console::{Console, ConsoleError};
+use crate::events::EventBus;
 use crate::memory_service::{ViolationLog, ViolationOutcome};
 use crate::metrics::{MetricsSnapshot, MetricsSources};
 use crate::vstate::vcpu::{install_kick_handler, stop_vcpus};
@@ -91,11 +92,17 @@ const API_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Forwards API requests from the server's threads to the control loop.
 pub struct ApiBridge {
     events: ControlSender,
+    /// The event stream, subscribed to without going through the control loop.
+    bus: Arc<EventBus>,
     /// How long to wait for the control loop's answer ([`API_REPLY_TIMEOUT`]).
     reply_timeout: Duration,
 }
 
 impl RequestHandler for ApiBridge {
+    fn subscribe_events(&self) -> Result<std::sync::mpsc::Receiver<String>, ApiError> {
+        self.bus.subscribe()
+    }
+
     fn handle(&self, request: ApiRequest) -> Result<ApiResponse, ApiError> {
         let (reply_tx, reply_rx) = channel();
         if !self.events.send(ControlEvent::Api(request, reply_tx)) {
@@ -140,6 +147,8 @@ pub struct Vmm {
     queue_tokens: Vec<(usize, usize)>,
     /// Counters kept outside the memory service (vCPU exits, API requests), across reboots.
     metrics: MetricsSources,
+    /// The event stream.
+    bus: Arc<EventBus>,
 }
 
 impl Vmm {
@@ -163,6 +172,7 @@ impl Vmm {
             epoll,
             queue_tokens: Vec::new(),
             metrics: MetricsSources::default(),
+            bus: Arc::new(EventBus::new()),
         })
     }
 
@@ -179,6 +189,7 @@ impl Vmm {
     pub fn api_handler(&self) -> Result<Arc<dyn RequestHandler>, VmmError> {
         Ok(Arc::new(ApiBridge {
             events: self.sender()?,
+            bus: self.bus.clone(),
             reply_timeout: API_REPLY_TIMEOUT,
         }))
     }
@@ -197,6 +208,7 @@ impl Vmm {
             &self.console,
             &exit,
             &self.metrics.vcpu_exits,
+            &self.bus,
         )?;
         vm.memory.carry_violations(violations);
         self.watch_events(&vm)?;
@@ -354,8 +366,7 @@ impl Vmm {
         let answer = match request {
             ApiRequest::VmInfo => Ok(ApiResponse::VmInfo(api::vm_info(
                 self.vm.as_ref().map(|vm| &vm.memory),
-                u32::from(self.config.cpus),
-                self.config.memory.size,
+                &self.config,
             ))),
             ApiRequest::Shutdown => {
                 self.stop_vm();
@@ -400,6 +411,7 @@ mod bridge_tests {
         (
             ApiBridge {
                 events,
+                bus: Arc::new(EventBus::new()),
                 reply_timeout,
             },
             rx,

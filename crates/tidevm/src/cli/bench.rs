@@ -29,6 +29,9 @@ pub struct BenchArgs {
 enum BenchCommand {
     /// Boot time to the guest's ready marker, and tidevm's own RSS apart from guest memory.
     Boot(BootArgs),
+    /// Boot time side by side with Cloud Hypervisor: the same guest in both, interleaved in
+    /// the same lane, with tidevm's time as a fraction of CH's.
+    BootVsCh(super::bench_boot_vs::BootVsArgs),
     /// virtio-mem: time from the API request until the guest has plugged SIZE, and back to
     /// 0; tidevm's own share of that time; host RSS.
     VirtioMem(super::bench_virtio_mem::VirtioMemArgs),
@@ -39,6 +42,12 @@ enum BenchCommand {
     /// merged ranges (tidevm) and one discarding page by page (QEMU's way); syscalls per GiB,
     /// time in them, host RSS reclaimed.
     Balloon(super::bench_balloon::BalloonArgs),
+    /// Soak: batches of virtio-mem, balloon and DIMM resize cycles in one guest; failed
+    /// requests, the VMM's RSS slope, fds and threads.
+    Soak(super::bench_soak::SoakArgs),
+    /// Host memory left behind by a virtio-mem round trip (with and without free page
+    /// reporting), and the RSS cost of DIMM slots.
+    Rss(super::bench_rss::RssArgs),
 }
 
 /// Options shared by every benchmark.
@@ -87,6 +96,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
             json!({ "cpus": boot.cpus, "memory": boot.memory }),
             bench_boot(&lane, boot),
         ),
+        BenchCommand::BootVsCh(vs) => (
+            "boot-vs-ch",
+            &vs.common,
+            json!({ "cmdline": vs.cmdline }),
+            super::bench_boot_vs::run(&lane, vs),
+        ),
         BenchCommand::VirtioMem(mem) => (
             "virtio-mem",
             &mem.common,
@@ -98,6 +113,22 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
             &balloon.common,
             json!({ "size": balloon.size, "touch_mib": balloon.touch, "memory": balloon.memory }),
             super::bench_balloon::run(&lane, balloon),
+        ),
+        BenchCommand::Rss(rss) => (
+            "rss",
+            &rss.common,
+            json!({ "settle_seconds": rss.settle }),
+            super::bench_rss::run(&lane, rss),
+        ),
+        BenchCommand::Soak(soak) => (
+            "soak",
+            &soak.common,
+            json!({
+                "mem_cycles": soak.mem_cycles,
+                "balloon_cycles": soak.balloon_cycles,
+                "dimm_cycles": soak.dimm_cycles,
+            }),
+            super::bench_soak::run(&lane, soak),
         ),
         BenchCommand::Dimm(dimm) => (
             "dimm",
@@ -131,6 +162,8 @@ pub(super) enum Unit {
     Bytes,
     /// A plain number (syscalls, events).
     Count,
+    /// One quantity over another (times as a fraction of another VMM's).
+    Ratio,
 }
 
 impl Unit {
@@ -139,6 +172,7 @@ impl Unit {
             Unit::Seconds => format!("{value:.2} s"),
             Unit::Bytes => format!("{:.1} MiB", value / f64::from(1u32 << 20)),
             Unit::Count => format!("{value:.0}"),
+            Unit::Ratio => format!("{value:.3}x"),
         }
     }
     fn json_suffix(self) -> &'static str {
@@ -146,6 +180,7 @@ impl Unit {
             Unit::Seconds => "s",
             Unit::Bytes => "bytes",
             Unit::Count => "count",
+            Unit::Ratio => "ratio",
         }
     }
 }

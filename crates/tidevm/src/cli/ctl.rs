@@ -21,6 +21,13 @@ pub struct CtlArgs {
 enum CtlCommand {
     /// Print the VM's state, vCPUs and memory layout as JSON.
     Info,
+    /// Print the VM's events as they happen, one JSON object per line (resizes, plans,
+    /// _OST answers, violations, balloon warnings, autopilot decisions).
+    Events {
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Stop the VM now (no guest shutdown).
     Shutdown,
     /// Reset the VM and boot it again.
@@ -52,6 +59,29 @@ enum CtlCommand {
         /// How long --wait waits, in seconds.
         #[arg(long, default_value_t = 120)]
         timeout: u64,
+    },
+    /// Without SIZE, print the guest's memory (boot, virtio-mem, DIMMs, balloon, totals,
+    /// limits) as JSON; with SIZE (e.g. 6G), bring the guest's total memory to it: tidevm
+    /// plans the virtio-mem and balloon changes and prints them.
+    Memory {
+        /// The guest's new total memory.
+        size: Option<String>,
+        /// Change only this NUMA node's virtio-mem devices (SIZE is still the total).
+        #[arg(long, requires = "size")]
+        node: Option<u32>,
+        /// Wait until the guest has plugged what is requested and the balloon reached its
+        /// target (without SIZE: the target set before), printing progress.
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Turn the memory autopilot on with POLICY (as `--memory-policy` takes it, e.g.
+    /// auto,min=1G,max=8G) or off (`off`).
+    MemoryPolicy {
+        /// The policy, or `off`.
+        policy: String,
     },
     /// Hot-add a DIMM of SIZE (a multiple of 128M, e.g. 1G) and notify the guest (ACPI).
     DimmAdd {
@@ -114,9 +144,32 @@ impl From<BackingArg> for DimmBacking {
 pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
     let client = ApiClient::new(args.api_socket);
     match args.command {
+        CtlCommand::MemoryPolicy { policy } => {
+            let (status, body) = client.call(
+                "PUT",
+                "/vm/memory/policy",
+                Some(serde_json::json!({ "policy": policy })),
+            )?;
+            if !(200..300).contains(&status) {
+                anyhow::bail!(
+                    "{}",
+                    body["error"]
+                        .as_str()
+                        .unwrap_or("the VMM refused the policy")
+                );
+            }
+        }
         CtlCommand::Info => {
             let info = client.vm_info()?;
             println!("{}", serde_json::to_string_pretty(&info)?);
+        }
+        CtlCommand::Events { count } => {
+            let mut left = count;
+            client.events(|line| {
+                println!("{line}");
+                left = left.map(|n| n.saturating_sub(1));
+                left != Some(0)
+            })?;
         }
         CtlCommand::Shutdown => client.shutdown()?,
         CtlCommand::Reboot => client.reboot()?,
@@ -157,6 +210,35 @@ pub fn ctl(args: CtlArgs) -> anyhow::Result<u8> {
                     started,
                     Duration::from_secs(timeout),
                 );
+            }
+        }
+        CtlCommand::Memory {
+            size: None,
+            wait,
+            timeout,
+            ..
+        } => {
+            let started = Instant::now();
+            let memory = client.memory()?;
+            println!("{}", serde_json::to_string_pretty(&memory)?);
+            if wait {
+                return wait_for_memory(&client, started, Duration::from_secs(timeout));
+            }
+        }
+        CtlCommand::Memory {
+            size: Some(size),
+            node,
+            wait,
+            timeout,
+        } => {
+            let bytes = tidevm_api::parse_byte_size(&size).ok_or_else(|| {
+                anyhow::anyhow!("invalid size '{size}': expected e.g. 2G, 6G or 1536M")
+            })?;
+            let started = Instant::now();
+            let plan = client.set_memory(bytes, node)?;
+            println!("{}", serde_json::to_string_pretty(&plan)?);
+            if wait {
+                return wait_for_memory(&client, started, Duration::from_secs(timeout));
             }
         }
         CtlCommand::DimmAdd {
@@ -392,5 +474,75 @@ fn wait_for_plugged(
             return Ok(2);
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Where a memory resize is: each virtio-mem device's plugged and requested sizes and the
+/// balloon's actual and target, in MiB.
+fn memory_progress(memory: &tidevm_api::MemoryStatus) -> String {
+    let mut parts: Vec<String> = memory
+        .virtio_mem
+        .iter()
+        .map(|d| {
+            format!(
+                "{} {}/{} MiB",
+                d.id,
+                d.plugged_size >> 20,
+                d.requested_size >> 20
+            )
+        })
+        .collect();
+    if let Some(balloon) = &memory.balloon {
+        parts.push(format!(
+            "balloon {}/{} MiB",
+            balloon.actual_bytes >> 20,
+            balloon.target_bytes >> 20
+        ));
+    }
+    format!(
+        "total {} of {} MiB ({})",
+        memory.actual_total_bytes >> 20,
+        memory.requested_total_bytes >> 20,
+        parts.join(", ")
+    )
+}
+
+/// Polls `/vm/memory` until every virtio-mem device has plugged what is requested and the
+/// balloon's actual size (the guest's claim) reached its target; returns 0 then, 2 (with
+/// where it stopped) when the guest does not get there in time.
+fn wait_for_memory(client: &ApiClient, started: Instant, timeout: Duration) -> anyhow::Result<u8> {
+    let mut last = String::new();
+    loop {
+        let memory = client.memory()?;
+        let progress = memory_progress(&memory);
+        if progress != last {
+            eprintln!("{progress} ({:.1} s)", started.elapsed().as_secs_f64());
+            last = progress;
+        }
+        let plugged = memory
+            .virtio_mem
+            .iter()
+            .all(|d| d.plugged_size == d.requested_size);
+        let ballooned = memory
+            .balloon
+            .is_none_or(|b| b.actual_bytes == b.target_bytes);
+        if plugged && ballooned {
+            println!(
+                "memory: {} MiB after {:.2} s",
+                memory.actual_total_bytes >> 20,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(0);
+        }
+        if started.elapsed() >= timeout {
+            eprintln!(
+                "tidevm: error: the guest did not reach the requested memory within {} s: {} \
+                 (see `tidevm ctl info` for a virtio-mem device's last busy reason)",
+                timeout.as_secs(),
+                last
+            );
+            return Ok(2);
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }

@@ -2,7 +2,10 @@
 
 mod bench;
 mod bench_balloon;
+mod bench_boot_vs;
 mod bench_dimm;
+mod bench_rss;
+mod bench_soak;
 mod bench_virtio_mem;
 mod ctl;
 mod run;
@@ -13,8 +16,24 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "tidevm", version, about)]
 pub struct Cli {
+    /// What to log (a tracing filter: error, warn, info, debug, trace, or per module like
+    /// `tidevm_vmm=debug`). Default: $TIDEVM_LOG, else warn.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    /// How log lines look on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,6 +11,7 @@ use tidevm_vmm::config::{
     VirtioMemDeviceConfig,
 };
 use tidevm_vmm::memory::host_memory_bytes;
+use tidevm_vmm::memory_service::autopilot::PolicyConfig;
 use tidevm_vmm::{VmConfig, Vmm};
 
 /// Options of `tidevm run`.
@@ -65,6 +66,13 @@ pub struct RunArgs {
     /// read them: prefer a loopback address.
     #[arg(long, value_name = "ADDR:PORT")]
     metrics_listen: Option<String>,
+    /// The autopilot's policy: auto,min=SIZE,max=SIZE[,floor=256M][,headroom=256M]
+    /// [,growth-margin=512M][,band=256M][,interval=2s][,shrink-step=256M][,shrink-hold=30s]
+    /// [,pressure-step=1G][,psi-some=10][,psi-full=5][,host-low=512M][,fault-rate=1000].
+    /// Needs --balloon statistics at least once per interval. Checked only for now: no
+    /// resize follows from it yet.
+    #[arg(long)]
+    memory_policy: Option<String>,
 }
 
 /// `--on-memory-violation`.
@@ -105,6 +113,11 @@ impl RunArgs {
                 OnViolation::Stop => ViolationPolicy::Stop,
             },
             dimms: Vec::new(),
+            memory_policy: self
+                .memory_policy
+                .as_deref()
+                .map(PolicyConfig::parse)
+                .transpose()?,
         })
     }
 }

@@ -77,10 +77,28 @@ fn add_use_remove(lane: &Lane) -> Result<()> {
         format!("the guest sees {} PNP0C80 devices, not 4", devices.trim()),
     )?;
     let before = mem_total_kib(&guest)?;
-    for id in ["d0", "d1"] {
-        let out = add(&guest, "1G", id)?;
-        eprintln!("{}", out.lines().last().unwrap_or(""));
-    }
+    // Two clients add a DIMM with the same id at the same moment: the control loop takes
+    // them one after the other, so exactly one gets it and the other a 409 naming the id.
+    let (_, raced) = guest.lane().sh(
+        &format!(
+            "t={tidevm}; s={socket}; d=$(dirname $s)\n\
+             $t ctl --api-socket $s dimm-add 1G --id d0 > $d/race-a 2>&1 & a=$!\n\
+             $t ctl --api-socket $s dimm-add 1G --id d0 > $d/race-b 2>&1 & b=$!\n\
+             wait $a; ra=$?; wait $b; rb=$?\n\
+             echo \"rc $ra $rb\"; cat $d/race-a $d/race-b; rm -f $d/race-a $d/race-b",
+            tidevm = tidevm_testlane::text::shell_quote(guest.lane().lane_tidevm()),
+            socket = tidevm_testlane::text::shell_quote(&guest.api_socket()),
+        ),
+        CMD,
+    )?;
+    let exactly_one = raced.contains("rc 0 1") || raced.contains("rc 1 0");
+    check(
+        exactly_one && raced.contains("a DIMM with id d0 exists"),
+        &guest,
+        format!("two concurrent adds of d0: {raced}"),
+    )?;
+    let out = add(&guest, "1G", "d1")?;
+    eprintln!("{}", out.lines().last().unwrap_or(""));
     let grown = wait_mem_total(&guest, before + 2 * GIB_KIB)?;
     check(
         grown - before == 2 * GIB_KIB,

@@ -3,7 +3,9 @@
 //!
 //! `cargo test --release -p tidevm --test real_guest [-- FILTER]`
 
+mod autopilot;
 mod balloon;
+mod ch_compat;
 mod dimm;
 mod foundation;
 mod virtio_mem;
@@ -30,7 +32,9 @@ fn main() {
         .iter()
         .chain(virtio_mem::SCENARIOS)
         .chain(dimm::SCENARIOS)
+        .chain(autopilot::SCENARIOS)
         .chain(balloon::SCENARIOS)
+        .chain(ch_compat::SCENARIOS)
         .copied()
         .collect();
     let selected: Vec<_> = scenarios

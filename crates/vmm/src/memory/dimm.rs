@@ -59,14 +59,7 @@ pub(crate) mod tests {
     /// A manager with 256 MiB of boot RAM registered with a fresh VM, or `None` (and a loud
     /// SKIPPED) when this host has no usable /dev/kvm.
     pub(crate) fn manager_with_vm() -> Option<(MemoryManager, Arc<VmFd>)> {
-        let vm = kvm_ioctls::Kvm::new()
-            .ok()
-            .and_then(|kvm| kvm.create_vm().ok())
-            .map(Arc::new);
-        let Some(vm) = vm else {
-            println!("SKIPPED: /dev/kvm is not usable here");
-            return None;
-        };
+        let vm = crate::vstate::vm::test_vm(false)?;
         let mut mm = MemoryManager::new(GuestLayout::new(256 * MIB)).unwrap();
         mm.register_boot_ram(&vm).unwrap();
         Some((mm, vm))

@@ -13,6 +13,7 @@ mod discard;
 mod hotplug;
 mod mapping;
 pub mod placement;
+pub mod planner;
 #[cfg(test)]
 mod tests_hotplug;
 mod usage;

@@ -188,6 +188,11 @@ impl MemoryService {
             "DIMM {id}: {} at {start:#x} in slot {slot} (node {node}); guest notified",
             format_size(size)
         );
+        self.publish(tidevm_api::Event::ResizeStarted {
+            mechanism: super::progress::DIMM.into(),
+            device: id.clone(),
+            target_bytes: size,
+        });
         self.dimm_status(&id)
     }
 
@@ -203,6 +208,11 @@ impl MemoryService {
         }
         dimms.notify_guest();
         tracing::info!("DIMM {id}: the guest is asked to eject it");
+        self.publish(tidevm_api::Event::ResizeStarted {
+            mechanism: super::progress::DIMM.into(),
+            device: id.to_owned(),
+            target_bytes: 0,
+        });
         self.dimm_status(id)
     }
 
@@ -229,6 +239,7 @@ impl MemoryService {
                 dimm.id,
                 format_size(dimm.size)
             );
+            self.dimm_gone(&dimm.id, slot);
         }
     }
 

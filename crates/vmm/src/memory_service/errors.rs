@@ -115,6 +115,23 @@ pub enum MemoryRequestError {
     /// The DIMM is already being ejected.
     #[error("DIMM {0} is already being ejected")]
     AlreadyEjecting(String),
+    /// The planner cannot reach the size asked for (the message names the limit).
+    #[error("cannot resize the guest's memory")]
+    Plan(#[from] crate::memory::planner::PlanError),
+    /// A step of a plan failed after `done` steps were asked of the guest.
+    #[error("memory plan step {step} failed after {done} step(s) were done")]
+    PlanStep {
+        /// The step.
+        step: String,
+        /// Steps already carried out.
+        done: usize,
+        /// Why it failed.
+        #[source]
+        source: Box<MemoryRequestError>,
+    },
+    /// A memory policy this VM cannot follow.
+    #[error(transparent)]
+    Policy(crate::config::ConfigError),
     /// Slots were configured but the controller is missing.
     #[error("the DIMM controller is missing")]
     NoDimmController,
@@ -133,12 +150,14 @@ impl MemoryRequestError {
             | E::VirtioMem { .. }
             | E::DimmSize(_)
             | E::AboveMaxmem { .. }
-            | E::UnknownNode { .. } => RequestErrorKind::Invalid,
+            | E::UnknownNode { .. }
+            | E::Plan(_)
+            | E::Policy(_) => RequestErrorKind::Invalid,
             E::SlotsFull(_) | E::DuplicateDimm(_) | E::NoRoom(_) | E::AlreadyEjecting(_) => {
                 RequestErrorKind::Conflict
             }
             E::HostMemory { .. } => RequestErrorKind::Unavailable,
-            E::NoDimmController => RequestErrorKind::Internal,
+            E::NoDimmController | E::PlanStep { .. } => RequestErrorKind::Internal,
         }
     }
 }

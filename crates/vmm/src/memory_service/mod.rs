@@ -6,9 +6,17 @@
 //! edge (`vmm::api`) turns those into HTTP status codes. What must survive a reboot (requested
 //! sizes, DIMMs, the balloon target, the violation log) is kept in [`MemorySettings`], which
 //! the control loop carries into the next boot.
+//!
+//! [`autopilot`] holds the `--memory-policy` policy (a pure function from the guest's and the
+//! host's reports to a target total) and [`autopilot::Autopilot::tick`], the call a tick will
+//! make; nothing in the service calls it yet: targets need the planner that carries them out.
 
+pub mod autopilot;
+mod autopilot_run;
 mod dimms;
 mod errors;
+mod plan;
+mod progress;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -26,8 +34,10 @@ use crate::devices::virtio::balloon::device::STATS_QUEUE;
 use crate::devices::virtio::balloon::{BalloonDevice, BalloonStatus};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemMetrics, VirtioMemStatus};
 use crate::devices::virtio::transport_pci::VirtioPciDevice;
+use crate::events::EventBus;
 use crate::memory::{MemoryManager, ResidentSplit};
 use crate::vstate::Access;
+use tidevm_api::Event;
 
 /// A virtio-mem device on PCI.
 pub type VirtioMemHandle = Arc<Mutex<VirtioPciDevice<VirtioMem>>>;
@@ -72,8 +82,12 @@ pub struct MemorySettings {
     pub balloon: Option<BalloonDeviceConfig>,
     /// NUMA nodes (at least 1).
     pub numa_nodes: u32,
+    /// Boot RAM per NUMA node (one node 0 without `--numa`).
+    pub boot_by_node: Vec<(u32, u64)>,
     /// What a guest touching memory it does not own costs it.
     pub violation_policy: ViolationPolicy,
+    /// The memory autopilot's policy, when it is on.
+    pub memory_policy: Option<autopilot::PolicyConfig>,
     /// Violations so far (they outlive a reboot: they describe the guest, not one boot).
     pub violations: ViolationLog,
 }
@@ -87,13 +101,20 @@ impl MemorySettings {
             dimms: config.dimms.clone(),
             balloon: config.balloon.clone(),
             numa_nodes: config.numa.len().max(1) as u32,
+            boot_by_node: if config.numa.is_empty() {
+                vec![(0, config.memory.size)]
+            } else {
+                config.numa.iter().map(|n| (n.id, n.memory)).collect()
+            },
             violation_policy: config.violation_policy,
+            memory_policy: config.memory_policy.clone(),
             violations: ViolationLog::default(),
         }
     }
 
     /// Writes what changed back into `config`, for the next boot.
     pub fn write_back(&self, config: &mut VmConfig) {
+        config.memory_policy = self.memory_policy.clone();
         config.virtio_mem = self.virtio_mem.clone();
         config.dimms = self.dimms.clone();
         config.balloon = self.balloon.clone();
@@ -142,6 +163,9 @@ pub struct MemoryService {
     dimms: Option<DimmHotplug>,
     settings: MemorySettings,
     next_stats: Option<Instant>,
+    events: Arc<EventBus>,
+    progress: progress::Progress,
+    autopilot: Option<autopilot_run::Running>,
 }
 
 impl std::fmt::Debug for MemoryService {
@@ -160,16 +184,27 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl MemoryService {
     /// The service for one boot.
-    pub fn new(devices: MemoryDevices, settings: MemorySettings) -> Self {
+    pub fn new(devices: MemoryDevices, settings: MemorySettings, events: Arc<EventBus>) -> Self {
         MemoryService {
             manager: devices.manager,
             vm_fd: devices.vm_fd,
             virtio_mem: devices.virtio_mem,
             balloon: devices.balloon,
             dimms: devices.dimms,
-            settings,
             next_stats: None,
+            autopilot: settings
+                .memory_policy
+                .clone()
+                .map(|p| autopilot_run::Running::new(p, Instant::now())),
+            settings,
+            events,
+            progress: progress::Progress::default(),
         }
+    }
+
+    /// Publishes `event` on the event stream.
+    fn publish(&self, event: Event) {
+        self.events.publish(event);
     }
 
     /// The settings to carry into the next boot.
@@ -221,6 +256,11 @@ impl MemoryService {
         // Remembered for the next boot: after a reboot the guest plugs back up to it.
         self.settings.virtio_mem[index].requested = bytes;
         tracing::info!("virtio-mem {id}: requested size now {bytes} bytes");
+        self.publish(Event::ResizeStarted {
+            mechanism: progress::VIRTIO_MEM.into(),
+            device: id.to_owned(),
+            target_bytes: bytes,
+        });
         Ok(())
     }
 
@@ -255,6 +295,11 @@ impl MemoryService {
             balloon.size = bytes;
         }
         tracing::info!("balloon target now {bytes} bytes");
+        self.publish(Event::ResizeStarted {
+            mechanism: progress::BALLOON.into(),
+            device: progress::BALLOON.into(),
+            target_bytes: bytes,
+        });
         Ok(())
     }
 
@@ -280,8 +325,25 @@ impl MemoryService {
         Ok((status, ram, audit))
     }
 
-    /// Runs what is due on the timer: the balloon's statistics request and reuse scan.
+    /// Runs what is due on the timer: the balloon's statistics request and reuse scan, and
+    /// the progress events of resizes under way (looked at every [`progress::INTERVAL`]
+    /// while one is).
     pub fn tick(&mut self, now: Instant) -> Tick {
+        let stats = self.tick_balloon(now);
+        let autopilot = self.tick_autopilot(now);
+        let in_flight = self.report_progress();
+        let next_in = [
+            stats.next_in,
+            autopilot,
+            in_flight.then_some(progress::INTERVAL),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        Tick { next_in, ..stats }
+    }
+
+    fn tick_balloon(&mut self, now: Instant) -> Tick {
         let Some(balloon) = self.balloon.clone() else {
             return Tick::default();
         };
@@ -302,7 +364,17 @@ impl MemoryService {
             .device_mut()
             .request_stats(&guest_memory, &self.manager);
         transport.raise(signal, STATS_QUEUE);
+        let reused_before = transport.device().status().reused.reused_pages;
         let stop_for_reuse = transport.device_mut().scan_for_reuse(&self.manager);
+        let reused = transport.device().status().reused.reused_pages;
+        drop(transport);
+        if reused > reused_before {
+            self.publish(Event::BalloonWarning {
+                message: format!(
+                    "the guest wrote {reused} pages it had inflated, without deflating them first"
+                ),
+            });
+        }
         self.next_stats = Some(now + interval);
         Tick {
             next_in: Some(interval),
@@ -347,6 +419,16 @@ impl MemoryService {
             access,
             vcpu,
             device,
+        });
+        self.publish(Event::MemoryViolation {
+            gpa,
+            access: match access {
+                Access::Read => "read",
+                Access::Write => "write",
+                Access::Unknown => "unknown",
+            }
+            .into(),
+            vcpu: u32::from(vcpu),
         });
         match self.settings.violation_policy {
             ViolationPolicy::Stop => ViolationOutcome::Stop,

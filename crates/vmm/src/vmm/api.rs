@@ -8,11 +8,18 @@ use tidevm_api::{
     DimmInfo, DimmState as ApiDimmState, DimmsInfo, GuestRange as ApiRange, HostRss, MemoryInfo,
     MemoryViolation, OstReport, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
 };
+use tidevm_api::{
+    MemoryBalloon, MemoryDimm, MemoryPlanInfo, MemoryStatus, MemoryStep, MemoryVirtioMem,
+    NodeMemory, PayloadInfo,
+};
 
 use crate::arch::x86_64::layout::GuestRange;
+use crate::config::VmConfig;
 use crate::config::HUGETLBFS_PAGE_SIZE;
+use crate::memory::planner::PlanStep;
 use crate::memory::Backing;
 use crate::memory::ResidentSplit;
+use crate::memory_service::autopilot::PolicyConfig;
 use crate::memory_service::{
     DimmRequest, DimmState, DimmStatus, DimmsStatus, MemoryRequestError, MemoryService,
     RequestErrorKind,
@@ -124,12 +131,105 @@ pub(super) fn memory_request(
         }
         ApiRequest::AddDimm(body) => add_dimm(memory, body),
         ApiRequest::RemoveDimm { id } => remove_dimm(memory, &id),
+        ApiRequest::MemoryStatus => memory_status(memory).map(ApiResponse::Memory),
+        ApiRequest::SetMemory(body) => set_memory(memory, body.size, body.node),
+        ApiRequest::SetMemoryPolicy { policy } => {
+            let policy = match policy.trim() {
+                "off" => None,
+                text => Some(
+                    PolicyConfig::parse(text)
+                        .map_err(|e| ApiError::bad_request(format!("invalid policy: {e}")))?,
+                ),
+            };
+            memory
+                .check_memory_policy(policy.as_ref())
+                .map_err(|e| api_error(&e))?;
+            memory.set_memory_policy(policy);
+            Ok(ApiResponse::Empty)
+        }
         ApiRequest::VmInfo | ApiRequest::Shutdown | ApiRequest::Reboot | ApiRequest::Metrics => {
             Err(ApiError::internal(
                 "a life-cycle or metrics request reached the memory service",
             ))
         }
     }
+}
+
+/// `GET /vm/memory`.
+fn memory_status(memory: &MemoryService) -> Result<MemoryStatus, ApiError> {
+    let state = memory.memory_state();
+    let (min_bytes, max_bytes) = state
+        .reachable(None)
+        .map_err(|e| api_error(&MemoryRequestError::Plan(e)))?;
+    let balloon_config = memory.settings().balloon.as_ref();
+    Ok(MemoryStatus {
+        boot_ram_bytes: state.boot_bytes(),
+        virtio_mem: state
+            .virtio_mem
+            .iter()
+            .map(|d| MemoryVirtioMem {
+                id: d.id.clone(),
+                node: d.node,
+                block_size: d.block_size,
+                region_size: d.region_size,
+                plugged_size: d.plugged,
+                requested_size: d.requested,
+            })
+            .collect(),
+        dimms: state
+            .dimms
+            .iter()
+            .map(|d| MemoryDimm {
+                id: d.id.clone(),
+                size: d.size,
+                node: d.node,
+            })
+            .collect(),
+        balloon: state.balloon.as_ref().map(|b| MemoryBalloon {
+            target_bytes: b.target,
+            actual_bytes: b.actual,
+            max_target_bytes: b.max_target,
+            deflate_on_oom: balloon_config.is_some_and(|c| c.deflate_on_oom),
+            free_page_reporting: balloon_config.is_some_and(|c| c.free_page_reporting),
+        }),
+        requested_total_bytes: state.requested_total(),
+        actual_total_bytes: state.actual_total(),
+        nodes: state
+            .requested_by_node()
+            .into_iter()
+            .map(|(node, requested_bytes)| NodeMemory {
+                node,
+                requested_bytes,
+            })
+            .collect(),
+        min_bytes,
+        max_bytes,
+    })
+}
+
+/// `PUT /vm/memory`.
+fn set_memory(
+    memory: &mut MemoryService,
+    size: u64,
+    node: Option<u32>,
+) -> Result<ApiResponse, ApiError> {
+    let plan = memory.set_memory(size, node).map_err(|e| api_error(&e))?;
+    Ok(ApiResponse::MemoryPlan(MemoryPlanInfo {
+        target_total_bytes: plan.target_total,
+        steps: plan
+            .steps
+            .into_iter()
+            .map(|step| match step {
+                PlanStep::SetVirtioMem { id, requested } => MemoryStep::SetVirtioMem {
+                    id,
+                    requested_size: requested,
+                },
+                PlanStep::SetBalloon { target } => MemoryStep::SetBalloon {
+                    target_size: target,
+                },
+            })
+            .collect(),
+    }))
 }
 
 /// `POST`/`PUT /vm/dimms`.
@@ -228,7 +328,17 @@ fn virtio_mem_info(memory: &MemoryService) -> Vec<VirtioMemInfo> {
 }
 
 /// `GET /vm/info`: `memory` is `None` between a stop and the next boot.
-pub(super) fn vm_info(memory: Option<&MemoryService>, vcpus: u32, boot_ram_bytes: u64) -> VmInfo {
+pub(super) fn vm_info(memory: Option<&MemoryService>, config: &VmConfig) -> VmInfo {
+    let vcpus = u32::from(config.cpus);
+    let boot_ram_bytes = config.memory.size;
+    let payload = Some(PayloadInfo {
+        kernel: config.kernel.display().to_string(),
+        initramfs: config
+            .initramfs
+            .as_ref()
+            .map(|path| path.display().to_string()),
+        cmdline: config.cmdline.clone(),
+    });
     let Some(memory) = memory else {
         return VmInfo {
             state: VmState::ShuttingDown,
@@ -243,6 +353,7 @@ pub(super) fn vm_info(memory: Option<&MemoryService>, vcpus: u32, boot_ram_bytes
             memory_violations: Vec::new(),
             memory_violation_count: 0,
             dimms: None,
+            payload,
         };
     };
     let (ram, hotplug_area) = memory.layout();
@@ -275,6 +386,7 @@ pub(super) fn vm_info(memory: Option<&MemoryService>, vcpus: u32, boot_ram_bytes
             .collect(),
         memory_violation_count: violations.count,
         dimms: memory.dimms_status().map(dimms_info),
+        payload,
     }
 }
 

@@ -47,3 +47,21 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmError> {
     vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
     Ok(vm)
 }
+
+/// A fresh VM on this host's /dev/kvm for unit tests, with an in-kernel irqchip when
+/// `irqchip`; `None`, with a loud SKIPPED line, when /dev/kvm is not usable here.
+#[cfg(test)]
+pub(crate) fn test_vm(irqchip: bool) -> Option<std::sync::Arc<kvm_ioctls::VmFd>> {
+    let vm = kvm_ioctls::Kvm::new()
+        .ok()
+        .and_then(|kvm| kvm.create_vm().ok())
+        .map(std::sync::Arc::new);
+    let Some(vm) = vm else {
+        println!("SKIPPED: /dev/kvm is not usable here");
+        return None;
+    };
+    if irqchip {
+        vm.create_irq_chip().expect("create the in-kernel irqchip");
+    }
+    Some(vm)
+}

@@ -179,15 +179,7 @@ mod tests {
 
     /// A table of 3 vectors on a fresh VM with an irqchip, or `None` (loudly) without KVM.
     fn table() -> Option<MsixTable> {
-        let vm = kvm_ioctls::Kvm::new()
-            .ok()
-            .and_then(|kvm| kvm.create_vm().ok())
-            .map(Arc::new);
-        let Some(vm) = vm else {
-            println!("SKIPPED: /dev/kvm is not usable here");
-            return None;
-        };
-        vm.create_irq_chip().unwrap();
+        let vm = crate::vstate::vm::test_vm(true)?;
         Some(MsixTable::new(3, Arc::new(MsiRouting::new(vm))).unwrap())
     }
 

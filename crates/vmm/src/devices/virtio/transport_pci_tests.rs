@@ -70,15 +70,7 @@ struct Rig {
 }
 
 fn rig() -> Option<Rig> {
-    let vm = kvm_ioctls::Kvm::new()
-        .ok()
-        .and_then(|kvm| kvm.create_vm().ok())
-        .map(Arc::new);
-    let Some(vm) = vm else {
-        println!("SKIPPED: /dev/kvm is not usable here");
-        return None;
-    };
-    vm.create_irq_chip().unwrap();
+    let vm = crate::vstate::vm::test_vm(true)?;
     let routing = Arc::new(MsiRouting::new(vm.clone()));
     let bus = Arc::new(Bus::new());
     let transport = VirtioPciDevice::new(
@@ -288,4 +280,24 @@ fn a_moved_bar_moves_its_mmio_range() {
         assert_eq!(t.bar_addr(), new_bar);
     }
     assert_eq!(num_queues_at(new_bar), Some(2));
+}
+
+/// A transport on its bus is freed with the bus (and with them the VM fd it holds): a reboot
+/// must not leak the old VM.
+#[test]
+fn a_transport_on_its_bus_is_freed_with_it() {
+    let Some(r) = rig() else {
+        return;
+    };
+    let bus = r.bus.clone();
+    drop(r.bus);
+    let transport = Arc::new(std::sync::Mutex::new(r.transport));
+    bus.insert(transport.clone(), BAR, BAR_SIZE).unwrap();
+    let weak = Arc::downgrade(&transport);
+    drop(transport);
+    drop(bus);
+    assert!(
+        weak.upgrade().is_none(),
+        "the bus and the transport keep each other alive"
+    );
 }

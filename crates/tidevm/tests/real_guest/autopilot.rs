@@ -1,0 +1,109 @@
+//! Issue 11: the memory autopilot in a real guest. A workload ramps to 1.5 GiB in a guest that
+//! boots with 1 GiB; the autopilot plugs virtio-mem ahead of it (no OOM kill, no failed
+//! allocation), and after the release the memory goes back to the host.
+
+use std::time::{Duration, Instant};
+
+use tidevm_testlane::{GuestOptions, Lane, Result};
+
+use crate::foundation::{check, mem_total_kib, BOOT, CMD};
+use crate::virtio_mem::finish;
+use crate::Scenario;
+
+pub const SCENARIOS: &[(&str, Scenario)] = &[("autopilot_follows_a_ramp", follows_a_ramp)];
+
+fn follows_a_ramp(lane: &Lane) -> Result<()> {
+    let guest = lane.boot_guest(&GuestOptions {
+        memory: "1G".into(),
+        extra_args: [
+            "--virtio-mem",
+            "id=mem0,size=3G",
+            "--balloon",
+            "stats-interval=1s",
+            "--memory-policy",
+            "auto,min=1G,max=3G,interval=2s,shrink-hold=10s,shrink-step=512M",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..GuestOptions::default()
+    })?;
+    guest.wait_ready(BOOT)?;
+    let boot_total = mem_total_kib(&guest)?;
+    let rss_ready = guest.vmm_rss_kib()?;
+    // The workload runs in the background; the host watches MemTotal and RSS meanwhile.
+    guest.run(
+        "(memphase ramp:1536:20 hold:15 release idle:5 > /tmp/memphase.log 2>&1 &)",
+        CMD,
+    )?;
+    let started = Instant::now();
+    let mut peak_total = boot_total;
+    let mut peak_rss = rss_ready;
+    let mut done = String::new();
+    while started.elapsed() < Duration::from_secs(600) {
+        std::thread::sleep(Duration::from_secs(3));
+        peak_total = peak_total.max(mem_total_kib(&guest)?);
+        peak_rss = peak_rss.max(guest.vmm_rss_kib()?);
+        done = guest.run("grep 'memphase done' /tmp/memphase.log || true", CMD)?;
+        if done.contains("memphase done") {
+            break;
+        }
+    }
+    let log = guest.run("tail -3 /tmp/memphase.log", CMD)?;
+    let ooms = guest.run(
+        "dmesg | grep -ciE 'out of memory|killed process' || true",
+        CMD,
+    )?;
+    eprintln!(
+        "autopilot: MemTotal {boot_total} KiB at boot, peak {peak_total} KiB; RSS {} MiB \
+         ready, peak {} MiB; memphase: {}",
+        rss_ready >> 10,
+        peak_rss >> 10,
+        log.trim().replace('\n', " | ")
+    );
+    check(
+        done.contains("failed_allocs=0"),
+        &guest,
+        format!("the workload did not finish cleanly: {log}"),
+    )?;
+    check(
+        ooms.trim() == "0",
+        &guest,
+        format!("{} OOM messages in the guest", ooms.trim()),
+    )?;
+    check(
+        peak_total >= boot_total + 512 * 1024,
+        &guest,
+        format!("MemTotal never grew by 512 MiB: peak {peak_total} KiB, boot {boot_total} KiB"),
+    )?;
+    // After the release the autopilot gives the memory back: MemTotal returns to the boot
+    // size, and the host's RSS falls by most of what the workload had.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (mut total, mut rss) = (mem_total_kib(&guest)?, guest.vmm_rss_kib()?);
+    while (total > boot_total || rss > rss_ready + 256 * 1024) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(5));
+        total = mem_total_kib(&guest)?;
+        rss = guest.vmm_rss_kib()?;
+    }
+    let returned = started.elapsed();
+    eprintln!(
+        "autopilot: after the release MemTotal {total} KiB, RSS {} MiB ({:.0} s after the \
+         workload started)",
+        rss >> 10,
+        returned.as_secs_f64()
+    );
+    check(
+        total == boot_total,
+        &guest,
+        format!("MemTotal {total} KiB after the release, {boot_total} KiB at boot"),
+    )?;
+    check(
+        rss <= rss_ready + 256 * 1024,
+        &guest,
+        format!(
+            "RSS {} MiB after the release, {} MiB when ready",
+            rss >> 10,
+            rss_ready >> 10
+        ),
+    )?;
+    finish(&guest)
+}
