@@ -396,48 +396,31 @@ pub fn build_vm(
     })
 }
 
-/// The NUMA topology the SRAT describes: each node's vCPUs, its share of boot RAM, and the
-/// regions of the virtio-mem devices placed on it. The DIMM area goes to the last node (a
-/// DIMM's own `_PXM` says where it really belongs); a VM with DIMM slots but no `--numa`
-/// gets one node, so that the SRAT can tell the guest to keep room for the area.
+/// The NUMA topology the SRAT describes: each node's vCPUs and its share of boot RAM; no
+/// SRAT without `--numa`.
+///
+/// Hotplug ranges (virtio-mem regions, the DIMM area) are left out on purpose: a
+/// hot-pluggable SRAT range above 4 GiB raises Linux's `max_possible_pfn` past the 32-bit DMA
+/// limit, and the guest then allocates and zeroes a 64 MiB swiotlb bounce buffer at boot
+/// (measured: `--memory size=512M,slots=4,maxmem=5G` cost 64 MiB of host RSS at boot). The
+/// guest needs none of it: a DIMM's node is its `_PXM`, a virtio-mem device's is its
+/// `node_id`, both mapped through the proximity domains the nodes' CPUs and boot memory
+/// already declare; and Linux sizes its direct map with room for hotplug anyway.
 fn numa_nodes(config: &VmConfig, layout: &GuestLayout) -> Vec<NumaNode> {
-    let dimm_area = dimm_area(config, layout);
     if config.numa.is_empty() {
-        return match dimm_area {
-            Some(area) => vec![NumaNode {
-                id: 0,
-                cpus: (0..config.cpus).collect(),
-                memory: layout.ram.clone(),
-                hotplug: virtio_mem_regions(&config.virtio_mem, layout)
-                    .into_iter()
-                    .chain([area])
-                    .collect(),
-            }],
-            None => Vec::new(),
-        };
+        return Vec::new();
     }
     let sizes: Vec<u64> = config.numa.iter().map(|n| n.memory).collect();
     let memory = split_boot_ram(&layout.ram, &sizes);
-    let regions = virtio_mem_regions(&config.virtio_mem, layout);
-    let last = config.numa.len() - 1;
     config
         .numa
         .iter()
         .zip(memory)
-        .enumerate()
-        .map(|(index, (node, memory))| (index == last, node, memory))
-        .map(|(is_last, node, memory)| NumaNode {
+        .map(|(node, memory)| NumaNode {
             id: node.id,
             cpus: node.cpus.clone(),
             memory,
-            hotplug: config
-                .virtio_mem
-                .iter()
-                .zip(&regions)
-                .filter(|(d, _)| d.node.unwrap_or(0) == node.id)
-                .map(|(_, r)| *r)
-                .chain(dimm_area.filter(|_| is_last))
-                .collect(),
+            hotplug: Vec::new(),
         })
         .collect()
 }

@@ -45,6 +45,9 @@ enum BenchCommand {
     /// Soak: batches of virtio-mem, balloon and DIMM resize cycles in one guest; failed
     /// requests, the VMM's RSS slope, fds and threads.
     Soak(super::bench_soak::SoakArgs),
+    /// The memory autopilot against static sizing: a phased workload in a real guest; host
+    /// memory over the run, OOM kills, failed allocations, how soon memory came back; a plot.
+    Autopilot(super::bench_autopilot::AutopilotArgs),
     /// Host memory left behind by a virtio-mem round trip (with and without free page
     /// reporting), and the RSS cost of DIMM slots.
     Rss(super::bench_rss::RssArgs),
@@ -119,6 +122,17 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
             &rss.common,
             json!({ "settle_seconds": rss.settle }),
             super::bench_rss::run(&lane, rss),
+        ),
+        BenchCommand::Autopilot(auto) => (
+            "autopilot",
+            &auto.common,
+            json!({
+                "min": auto.min,
+                "max": auto.max,
+                "floor": auto.floor,
+                "workload": auto.workload,
+            }),
+            super::bench_autopilot::run(&lane, auto),
         ),
         BenchCommand::Soak(soak) => (
             "soak",

@@ -1,6 +1,7 @@
 //! Command-line interface.
 
 mod bench;
+mod bench_autopilot;
 mod bench_balloon;
 mod bench_boot_vs;
 mod bench_dimm;
