@@ -1,6 +1,7 @@
 //! `tidevm bench autopilot`: a phased workload (memphase) in a real guest, once with static
-//! sizing (all of `--max` from boot) and once under the memory autopilot (boot with `--min`,
-//! virtio-mem up to `--max`), with what the host paid for each.
+//! sizing (all of `--max` from boot, a balloon for statistics only) and once under the
+//! memory autopilot (boot with `--min`, virtio-mem up to `--max`, free page reporting for the
+//! boot RAM the workload frees), with what the host paid for each.
 //!
 //! A sampler inside the lane records every second the VMM's RSS (as the VMM measures it), the
 //! guest's total and available memory (its balloon statistics) and the guest-visible total;
@@ -446,7 +447,8 @@ fn one_run(lane: &Lane, args: &AutopilotArgs) -> Result<(Vec<Metric>, Trace, Tra
                 "--virtio-mem".into(),
                 format!("id=mem0,size={}M", (max - min) >> 20),
                 "--balloon".into(),
-                "stats-interval=1s".into(),
+                // Boot RAM the workload frees comes back only through free page reporting.
+                "stats-interval=1s,free-page-reporting=on".into(),
                 "--memory-policy".into(),
                 policy,
             ],

@@ -1,6 +1,8 @@
 //! Issue 11: the memory autopilot in a real guest. A workload ramps to 1.5 GiB in a guest that
 //! boots with 1 GiB; the autopilot plugs virtio-mem ahead of it (no OOM kill, no failed
-//! allocation), and after the release the memory goes back to the host.
+//! allocation), and after the release the memory goes back to the host: the plugged part by
+//! the autopilot's unplug, the boot RAM the workload also used by free page reporting
+//! (without it, a first run kept 723 MiB resident against 97 MiB when ready).
 
 use std::time::{Duration, Instant};
 
@@ -19,7 +21,9 @@ fn follows_a_ramp(lane: &Lane) -> Result<()> {
             "--virtio-mem",
             "id=mem0,size=3G",
             "--balloon",
-            "stats-interval=1s",
+            // Free page reporting gives back the boot RAM the workload freed: the autopilot
+            // unplugs hotplugged memory, but boot RAM is only returned page by page.
+            "stats-interval=1s,free-page-reporting=on",
             "--memory-policy",
             "auto,min=1G,max=3G,interval=2s,shrink-hold=10s,shrink-step=512M",
         ]
