@@ -71,8 +71,10 @@ fn one_run(lane: &Lane, args: &RssArgs) -> Result<Vec<Metric>, String> {
     let mut metrics = Vec::new();
 
     let plain = boot(&["--virtio-mem", "id=mem0,size=4G"], "512M")?;
-    let (ready, plugged, after) = round_trip(&plain, settle)?;
+    std::thread::sleep(Duration::from_secs(5));
+    // The split when ready, to set the slots guest against.
     let (plain_vmm, plain_guest, _) = read_host_rss(&plain)?;
+    let (ready, plugged, after) = round_trip(&plain, settle)?;
     let _ = plain.poweroff(Duration::from_secs(120));
     metrics.push(metric(
         "plain_ready",
