@@ -280,26 +280,40 @@ impl ApiClient {
         })
     }
 
-    async fn exchange_async(
+    /// A connection to the socket, its task running on the current runtime until the
+    /// response is read or the runtime ends.
+    async fn connect(
         &self,
-        request: Request<Full<Bytes>>,
-    ) -> Result<(u16, Bytes), ClientError> {
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, ClientError> {
         let stream = tokio::net::UnixStream::connect(&self.socket_path)
             .await
             .map_err(|reason| ClientError::Connect {
                 path: self.socket_path.clone(),
                 reason,
             })?;
-        let http_error = |reason| ClientError::Http {
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|reason| self.http_error(reason))?;
+        tokio::spawn(connection);
+        Ok(sender)
+    }
+
+    fn http_error(&self, reason: hyper::Error) -> ClientError {
+        ClientError::Http {
             path: self.socket_path.clone(),
             reason,
-        };
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        }
+    }
+
+    async fn exchange_async(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<(u16, Bytes), ClientError> {
+        let mut sender = self.connect().await?;
+        let response = sender
+            .send_request(request)
             .await
-            .map_err(http_error)?;
-        // The connection task ends with the response or with the runtime.
-        tokio::spawn(connection);
-        let response = sender.send_request(request).await.map_err(http_error)?;
+            .map_err(|reason| self.http_error(reason))?;
         let status = response.status().as_u16();
         let body = Limited::new(response.into_body(), MAX_RESPONSE_BODY_BYTES)
             .collect()
@@ -320,21 +334,8 @@ impl ApiClient {
             .build()
             .map_err(|reason| ClientError::Runtime { reason })?;
         runtime.block_on(async {
-            let stream = tokio::net::UnixStream::connect(&self.socket_path)
-                .await
-                .map_err(|reason| ClientError::Connect {
-                    path: self.socket_path.clone(),
-                    reason,
-                })?;
-            let http_error = |reason| ClientError::Http {
-                path: self.socket_path.clone(),
-                reason,
-            };
-            let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(http_error)?;
-            tokio::spawn(connection);
+            let http_error = |reason| self.http_error(reason);
+            let mut sender = self.connect().await?;
             let response = tokio::time::timeout(self.timeout, sender.send_request(request))
                 .await
                 .map_err(|_elapsed| ClientError::Timeout {
