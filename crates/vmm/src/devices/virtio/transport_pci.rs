@@ -10,7 +10,7 @@
 //!        0x5000  MSI-X pending bits
 //! ```
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use virtio_queue::{Queue, QueueT};
@@ -114,8 +114,11 @@ pub struct VirtioPciDevice<D: VirtioDevice> {
     queue_evts: Vec<EventFd>,
     activation: Activation,
     vm: Arc<VmFd>,
-    /// The MMIO bus BAR0 sits on, so that a BAR the guest moves moves there too.
-    mmio_bus: Arc<Bus>,
+    /// The MMIO bus BAR0 sits on, so that a BAR the guest moves moves there too. Weak: the
+    /// bus holds the transport, and a strong reference back made a cycle that kept every
+    /// transport (with its VmFd, eventfds and irqfds) alive after its VM was gone, i.e. one
+    /// leaked KVM VM per guest reboot.
+    mmio_bus: Weak<Bus>,
 }
 
 impl<D: VirtioDevice> std::fmt::Debug for VirtioPciDevice<D> {
@@ -294,7 +297,7 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
             queue_evts,
             activation: Activation::NotReady,
             vm,
-            mmio_bus,
+            mmio_bus: Arc::downgrade(&mmio_bus),
         };
         transport.register_ioevents(true)?;
         Ok(transport)
@@ -605,7 +608,10 @@ impl<D: VirtioDevice> VirtioPciDevice<D> {
         }
         // The MMIO bus entry first: if the guest put the BAR over another device, nothing
         // moves (the guest's next accesses at the new address find no device).
-        if let Err(e) = self.mmio_bus.relocate(self.bar_addr, new_addr) {
+        let Some(bus) = self.mmio_bus.upgrade() else {
+            return; // the VM is being torn down: nothing reaches the BAR any more
+        };
+        if let Err(e) = bus.relocate(self.bar_addr, new_addr) {
             crate::guest_warn!("{}: BAR0 cannot move to {new_addr:#x}: {e}", self.id);
             return;
         }

@@ -289,3 +289,26 @@ fn a_moved_bar_moves_its_mmio_range() {
     }
     assert_eq!(num_queues_at(new_bar), Some(2));
 }
+
+/// Found by the `virtio_pci_registers` fuzz target (LeakSanitizer): the transport held its
+/// MMIO bus strongly while the bus held the transport, so neither was ever dropped. Every
+/// guest reboot builds new buses and transports, so each one leaked the old VM's transports,
+/// and through them its VmFd, eventfds and irqfds.
+#[test]
+fn a_transport_on_its_bus_is_dropped_with_the_bus() {
+    let Some(r) = rig() else {
+        return;
+    };
+    let bus = r.bus.clone();
+    let transport = Arc::new(std::sync::Mutex::new(r.transport));
+    bus.insert(transport.clone(), BAR, BAR_SIZE).unwrap();
+    let weak = Arc::downgrade(&transport);
+    drop(transport);
+    drop(r.bus);
+    assert!(weak.upgrade().is_some(), "the bus keeps it while it lives");
+    drop(bus);
+    assert!(
+        weak.upgrade().is_none(),
+        "the transport outlived its bus (reference cycle)"
+    );
+}
