@@ -32,8 +32,8 @@ mod tests;
 
 pub use client::{ApiClient, ClientError, DEFAULT_TIMEOUT};
 pub use server::{
-    parse_socket_mode, ApiServer, ApiServerError, InvalidSocketMode, DEFAULT_SOCKET_MODE,
-    MAX_REQUEST_BODY_BYTES,
+    parse_request, parse_socket_mode, ApiServer, ApiServerError, InvalidSocketMode,
+    DEFAULT_SOCKET_MODE, MAX_REQUEST_BODY_BYTES,
 };
 pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
