@@ -369,7 +369,10 @@ impl World {
                     .flat_map(|p| (*p as u32).to_le_bytes())
                     .collect();
                 let q = usize::from(deflate);
-                let buf = BUFS + q as u64 * 0x1000;
+                // Each chain in flight has its own buffer: chain slot = avail index % 4 (see
+                // `post`), so a later request never rewrites one not yet processed.
+                let slot = self.rings[q].as_ref().map_or(0, |r| r.avail_idx % 4);
+                let buf = BUFS + q as u64 * 0x4000 + u64::from(slot) * 0x1000;
                 if !guarded_write(&self.mem, &self.mm, buf, &bytes) {
                     return;
                 }
@@ -430,7 +433,7 @@ impl World {
             }
             Op::Stats { ref bytes } => {
                 let bytes = &bytes[..bytes.len().min(200)];
-                let buf = BUFS + 0x2000;
+                let buf = BUFS + 0x1_0000;
                 guarded_write(&self.mem, &self.mm, buf, bytes);
                 self.post(2, &[(buf, bytes.len() as u32, 0)], Effect::Unknown);
             }

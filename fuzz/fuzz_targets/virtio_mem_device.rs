@@ -316,6 +316,12 @@ impl World {
                 let nb = u16::from(nb_blocks % (BLOCKS as u8 + 2));
                 let req = self.addr(req);
                 let resp = self.addr(resp);
+                if let Some(ring) = self.ring.as_mut() {
+                    // The driver itself writing its request over its rings.
+                    if ring.hits_rings(req, 24) {
+                        ring.tainted = true;
+                    }
+                }
                 guarded_write(&self.mem, &self.mm, req, &Self::request_bytes(ty, addr, nb));
                 self.post_chain(&[(req, 24, F_NEXT), (resp, RESPONSE_SIZE, F_WRITE)]);
             }
