@@ -387,8 +387,11 @@ impl World {
                         (buf + 4 * start as u64, 4 * (end - start) as u32, flags)
                     })
                     .collect();
-                if list.iter().any(|p| *p * PAGE < HARNESS_END) && !deflate {
-                    self.model = None;
+                if !deflate {
+                    // Inflating the harness's own pages zeroes rings and buffers.
+                    for p in &list {
+                        self.harness_touched(p * PAGE, PAGE);
+                    }
                 }
                 let effect = if deflate {
                     Effect::Deflate(list)
