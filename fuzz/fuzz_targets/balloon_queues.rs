@@ -371,7 +371,13 @@ impl World {
                 let q = usize::from(deflate);
                 // Each chain in flight has its own buffer: chain slot = avail index % 4 (see
                 // `post`), so a later request never rewrites one not yet processed.
-                let slot = self.rings[q].as_ref().map_or(0, |r| r.avail_idx % 4);
+                let Some(ring) = self.rings[q].as_ref() else {
+                    return;
+                };
+                if ring.outstanding.len() >= 4 {
+                    return; // `post` would refuse it: do not rewrite a buffer still posted
+                }
+                let slot = ring.avail_idx % 4;
                 let buf = BUFS + q as u64 * 0x4000 + u64::from(slot) * 0x1000;
                 if !guarded_write(&self.mem, &self.mm, buf, &bytes) {
                     return;

@@ -69,7 +69,7 @@ fn io_read(io: &mut PciConfigIo, offset: u64, len: usize) -> u32 {
 
 fn ecam_read(ecam: &mut PciConfigMmio, dev: u64, reg: u64) -> u32 {
     let mut data = [0u8; 4];
-    ecam.read(dev << 15 | reg * 4, &mut data);
+    ecam.read((dev << 15) | (reg * 4), &mut data);
     u32::from_le_bytes(data)
 }
 
