@@ -6,7 +6,7 @@ CARGO ?= cargo
 BUILD_DIR ?= build
 TIDEVM_BIN ?= target/release/tidevm
 
-.PHONY: all deps deps-if-needed guest l1 build test demo lint clean-images
+.PHONY: all deps deps-if-needed guest l1 build test demo lint fuzz-smoke clean-images
 
 all: build
 
@@ -47,6 +47,10 @@ demo: guest l1 build
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Every fuzz target for a few seconds (fuzz/smoke.sh); SKIPPED without a nightly toolchain.
+fuzz-smoke:
+	bash fuzz/smoke.sh
 
 clean-images:
 	rm -rf $(BUILD_DIR)/guest $(BUILD_DIR)/l1 $(BUILD_DIR)/unpacked

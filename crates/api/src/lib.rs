@@ -48,8 +48,8 @@ pub use client::{ApiClient, ClientError, DEFAULT_TIMEOUT};
 pub use counts::{ApiRequestCount, ApiRequestCounts, UNKNOWN_ROUTE};
 pub use metrics_listener::{MetricsListener, MetricsListenerError};
 pub use server::{
-    parse_socket_mode, ApiServer, ApiServerError, InvalidSocketMode, DEFAULT_SOCKET_MODE,
-    MAX_REQUEST_BODY_BYTES,
+    parse_request, parse_socket_mode, ApiServer, ApiServerError, InvalidSocketMode,
+    DEFAULT_SOCKET_MODE, MAX_REQUEST_BODY_BYTES,
 };
 pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,

@@ -793,18 +793,38 @@ fn route_list() -> String {
     routes.join(", ")
 }
 
-/// Parse a request into an [`ApiRequest`] without HTTP plumbing.
-#[cfg(test)]
-pub(crate) fn parse_request(
-    method: &hyper::Method,
-    path: &str,
-    body: &[u8],
-) -> Result<ApiRequest, ApiError> {
-    let endpoint = Endpoint::from_path(path, method.as_str())
-        .ok_or_else(|| ApiError::not_found("unknown route"))?;
-    if method.as_str() != endpoint.method() {
-        return Err(ApiError::method_not_allowed("method not allowed"));
+/// The endpoint for `method` and `path`: 404 for an unknown path; 405 for a method the path
+/// does not take, with the method it does take (for the `Allow` header).
+fn route_endpoint(method: &str, path: &str) -> Result<Endpoint, (ApiError, Option<&'static str>)> {
+    let Some(endpoint) = Endpoint::from_path(path, method) else {
+        return Err((
+            ApiError::not_found(format!(
+                "unknown route {}; the API has {}",
+                abbreviate(path),
+                route_list()
+            )),
+            None,
+        ));
+    };
+    if method != endpoint.method() {
+        let allow = endpoint.method();
+        return Err((
+            ApiError::method_not_allowed(format!(
+                "method {} is not allowed on {}; use {allow}",
+                abbreviate(method),
+                abbreviate(path),
+            )),
+            Some(allow),
+        ));
     }
+    Ok(endpoint)
+}
+
+/// Turns a request's method, path and complete body into an [`ApiRequest`], exactly as the
+/// server does once it has read the body (same routing, same body parsing, same errors; the
+/// fuzz target `api_request` feeds it arbitrary input). Every error is a 4xx.
+pub fn parse_request(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, ApiError> {
+    let endpoint = route_endpoint(method, path).map_err(|(error, _)| error)?;
     endpoint.parse_body(body)
 }
 
@@ -1152,20 +1172,20 @@ mod tests {
     #[test]
     fn parses_valid_requests() {
         assert_eq!(
-            parse_request(&Method::GET, "/vm/info", b""),
+            parse_request(Method::GET.as_str(), "/vm/info", b""),
             Ok(ApiRequest::VmInfo)
         );
         assert_eq!(
-            parse_request(&Method::PUT, "/vm/shutdown", b" {} "),
+            parse_request(Method::PUT.as_str(), "/vm/shutdown", b" {} "),
             Ok(ApiRequest::Shutdown)
         );
         assert_eq!(
-            parse_request(&Method::PUT, "/vm/reboot", b""),
+            parse_request(Method::PUT.as_str(), "/vm/reboot", b""),
             Ok(ApiRequest::Reboot)
         );
         assert_eq!(
             parse_request(
-                &Method::PUT,
+                Method::PUT.as_str(),
                 "/vm/virtio-mem/vmem0",
                 br#"{"requested_size": "2G"}"#
             ),
@@ -1179,7 +1199,9 @@ mod tests {
     #[test]
     fn rejects_invalid_requests_with_the_right_status() {
         let status = |method: Method, path: &str, body: &[u8]| {
-            parse_request(&method, path, body).unwrap_err().status
+            parse_request(method.as_str(), path, body)
+                .unwrap_err()
+                .status
         };
         assert_eq!(status(Method::GET, "/", b""), 404);
         assert_eq!(status(Method::GET, "/vm/info/", b""), 404);
@@ -1216,7 +1238,11 @@ mod tests {
     fn parses_dimm_requests() {
         use crate::types::DimmBacking;
         assert_eq!(
-            parse_request(&Method::PUT, "/vm/dimms", br#"{"size": 1073741824}"#),
+            parse_request(
+                Method::PUT.as_str(),
+                "/vm/dimms",
+                br#"{"size": 1073741824}"#
+            ),
             Ok(ApiRequest::AddDimm(AddDimmBody {
                 size: 1 << 30,
                 node: None,
@@ -1227,7 +1253,7 @@ mod tests {
         );
         assert_eq!(
             parse_request(
-                &Method::PUT,
+                Method::PUT.as_str(),
                 "/vm/dimms",
                 br#"{"size": "1G", "node": 1, "backing": "hugetlbfs", "prealloc": true,
                      "id": "big-1.a_b"}"#
@@ -1242,7 +1268,7 @@ mod tests {
         );
         assert_eq!(
             parse_request(
-                &Method::PUT,
+                Method::PUT.as_str(),
                 "/vm/dimms",
                 br#"{"size": "512MiB", "backing": "memfd"}"#
             )
@@ -1253,10 +1279,10 @@ mod tests {
             Ok((512 << 20, DimmBacking::Memfd))
         );
         // The VMM, not the server, checks the size's granularity.
-        assert!(parse_request(&Method::PUT, "/vm/dimms", br#"{"size": 12345}"#).is_ok());
+        assert!(parse_request(Method::PUT.as_str(), "/vm/dimms", br#"{"size": 12345}"#).is_ok());
         for body in [&b""[..], b"{}"] {
             assert_eq!(
-                parse_request(&Method::DELETE, "/vm/dimms/dimm0", body),
+                parse_request(Method::DELETE.as_str(), "/vm/dimms/dimm0", body),
                 Ok(ApiRequest::RemoveDimm {
                     id: "dimm0".to_owned()
                 })
@@ -1267,7 +1293,7 @@ mod tests {
     #[test]
     fn rejects_invalid_dimm_requests() {
         let error = |method: Method, path: &str, body: &[u8]| {
-            let error = parse_request(&method, path, body).unwrap_err();
+            let error = parse_request(method.as_str(), path, body).unwrap_err();
             (error.status, error.message)
         };
         let add = |body: &[u8]| error(Method::PUT, "/vm/dimms", body);
@@ -1305,7 +1331,11 @@ mod tests {
         }
         // `null` is an absent id (the VMM picks one).
         assert!(matches!(
-            parse_request(&Method::PUT, "/vm/dimms", br#"{"size": 1, "id": null}"#),
+            parse_request(
+                Method::PUT.as_str(),
+                "/vm/dimms",
+                br#"{"size": 1, "id": null}"#
+            ),
             Ok(ApiRequest::AddDimm(AddDimmBody { id: None, .. }))
         ));
 
