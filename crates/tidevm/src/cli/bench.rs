@@ -178,6 +178,8 @@ pub(super) enum Unit {
     Count,
     /// One quantity over another (times as a fraction of another VMM's).
     Ratio,
+    /// Memory over time, in GiB·s.
+    GibSeconds,
 }
 
 impl Unit {
@@ -187,6 +189,7 @@ impl Unit {
             Unit::Bytes => format!("{:.1} MiB", value / f64::from(1u32 << 20)),
             Unit::Count => format!("{value:.0}"),
             Unit::Ratio => format!("{value:.3}x"),
+            Unit::GibSeconds => format!("{value:.1} GiB·s"),
         }
     }
     fn json_suffix(self) -> &'static str {
@@ -195,6 +198,7 @@ impl Unit {
             Unit::Bytes => "bytes",
             Unit::Count => "count",
             Unit::Ratio => "ratio",
+            Unit::GibSeconds => "gib_s",
         }
     }
 }

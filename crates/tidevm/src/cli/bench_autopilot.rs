@@ -244,7 +244,7 @@ fn record(lane: &Lane, guest: &Guest<'_>, args: &AutopilotArgs) -> Result<Trace,
 type Names = [(&'static str, &'static str); 8];
 
 const STATIC_NAMES: Names = [
-    ("static_rss_gib_s", "static: host RSS over the run (GiB·s)"),
+    ("static_rss_gib_s", "static: host RSS over the run"),
     (
         "static_used_gib_s",
         "static: guest used + floor over the run (GiB·s)",
@@ -310,9 +310,10 @@ fn metrics_of(names: &Names, trace: &Trace, floor: f64) -> Vec<Metric> {
         .windows(2)
         .filter(|w| w[0].available < floor)
         .map(|w| w[1].t - w[0].t)
-        .sum::<f64>();
-    // Release: from the workload's first release (memphase clock ~ sampler clock) until RSS
-    // fell by 80 % of its gain over the baseline.
+        .sum::<f64>()
+        + 0.0; // an empty sum is -0.0
+               // Release: from the workload's first release (memphase clock ~ sampler clock) until RSS
+               // fell by 80 % of its gain over the baseline.
     let returned = trace.first_release.and_then(|release| {
         let gain = peak - baseline;
         s.iter()
@@ -321,8 +322,8 @@ fn metrics_of(names: &Names, trace: &Trace, floor: f64) -> Vec<Metric> {
             .map(|x| x.t - release)
     });
     let values = [
-        (Unit::Ratio, rss_integral),
-        (Unit::Ratio, used_integral),
+        (Unit::GibSeconds, rss_integral),
+        (Unit::GibSeconds, used_integral),
         (
             Unit::Ratio,
             if used_integral > 0.0 {
