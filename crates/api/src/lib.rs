@@ -35,7 +35,7 @@ pub use server::{
 };
 pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
-    DimmBacking, DimmInfo, DimmState, DimmsInfo, ErrorBody, GuestRange, HostRss, MemoryInfo,
-    MemoryViolation, OstReport, RequestHandler, ResizeVirtioMemBody, SetBalloonBody,
-    VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
+    DimmBacking, DimmInfo, DimmState, DimmsInfo, DiskCounters, DiskInfo, ErrorBody, GuestRange,
+    HostRss, MemoryInfo, MemoryViolation, OstReport, RequestHandler, ResizeVirtioMemBody,
+    SetBalloonBody, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
 };

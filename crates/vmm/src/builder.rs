@@ -25,6 +25,7 @@ use crate::devices::pci::root::PCI_CONFIG_IO_SIZE;
 use crate::devices::pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot};
 use crate::devices::platform::{AcpiPowerManagement, ACPI_PM_SIZE};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonDevice};
+use crate::devices::virtio::block::{BlockConfig, Disk, DiskError, VirtioBlock};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemConfig, VirtioMemError};
 use crate::devices::virtio::transport_pci::{
     VirtioPciDevice, VirtioPciError, VirtioTransport, BAR_SIZE,
@@ -88,6 +89,15 @@ pub enum BuildError {
         #[source]
         source: DimmMemoryError,
     },
+    /// A disk image could not be opened.
+    #[error("cannot attach disk {id}")]
+    Disk {
+        /// The disk's id.
+        id: String,
+        /// The cause.
+        #[source]
+        source: DiskError,
+    },
     /// The balloon could not be created.
     #[error("cannot create the balloon")]
     Balloon(#[source] crate::devices::virtio::balloon::BalloonError),
@@ -134,6 +144,8 @@ pub struct RunningVm {
     pub virtio_mem: Vec<Arc<Mutex<VirtioPciDevice<VirtioMem>>>>,
     /// The balloon (also in `virtio`), if configured.
     pub balloon: Option<Arc<Mutex<VirtioPciDevice<BalloonDevice>>>>,
+    /// The virtio-blk disks (also in `virtio`), in configuration order.
+    pub disks: Vec<Arc<Mutex<VirtioPciDevice<VirtioBlock>>>>,
     /// Guest-physical ranges of the hotplug regions and the DIMM area (for the vCPUs'
     /// fault reports).
     pub hotplug_ranges: Arc<Vec<GuestRange>>,
@@ -336,6 +348,20 @@ pub fn build_vm(
     if let Some(balloon) = &balloon {
         virtio.push(balloon.clone());
     }
+    let mut disks = Vec::with_capacity(config.disks.len());
+    for disk_config in &config.disks {
+        let disk = Disk::open(disk_config.options()).map_err(|source| BuildError::Disk {
+            id: disk_config.id.clone(),
+            source,
+        })?;
+        let device = VirtioBlock::new(BlockConfig {
+            id: disk_config.id.clone(),
+            disk,
+        });
+        let transport = attacher.attach(disk_config.id.clone(), device)?;
+        virtio.push(transport.clone());
+        disks.push(transport);
+    }
 
     let acpi_config = AcpiConfig {
         cpus: config.cpus,
@@ -383,6 +409,7 @@ pub fn build_vm(
         virtio,
         virtio_mem,
         balloon,
+        disks,
         hotplug_ranges,
         dimms,
         msi_routing,

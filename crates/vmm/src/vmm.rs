@@ -602,11 +602,53 @@ impl Vmm {
             memory_violations: self.violations.clone(),
             memory_violation_count: self.violation_count,
             dimms: self.dimms_info(),
+            disks: self.disks_info(),
         }
     }
 }
 
 impl Vmm {
+    fn disks_info(&self) -> Vec<tidevm_api::DiskInfo> {
+        let Some(vm) = &self.vm else {
+            return Vec::new();
+        };
+        vm.disks
+            .iter()
+            .map(|d| {
+                let transport = d.lock().unwrap_or_else(|e| e.into_inner());
+                let device = transport.device();
+                let disk = device.disk();
+                let m = device.metrics();
+                tidevm_api::DiskInfo {
+                    id: device.id().to_owned(),
+                    path: disk.options().path.display().to_string(),
+                    readonly: disk.options().readonly,
+                    direct: disk.options().direct,
+                    capacity_bytes: disk.capacity(),
+                    // 512 or 4096.
+                    block_size: disk.block_size() as u32,
+                    counters: tidevm_api::DiskCounters {
+                        read_requests: m.requests.read,
+                        write_requests: m.requests.write,
+                        flush_requests: m.requests.flush,
+                        get_id_requests: m.requests.get_id,
+                        discard_requests: m.requests.discard,
+                        write_zeroes_requests: m.requests.write_zeroes,
+                        unsupported_requests: m.requests.unsupported,
+                        bytes_read: m.bytes_read,
+                        bytes_written: m.bytes_written,
+                        bytes_discarded: m.bytes_discarded,
+                        bytes_zeroed: m.bytes_zeroed,
+                        io_errors: m.io_errors,
+                        malformed: m.malformed,
+                        dropped: m.dropped,
+                        host_errors: m.host_errors,
+                    },
+                }
+            })
+            .collect()
+    }
+
     fn virtio_mem_info(&self) -> Vec<VirtioMemInfo> {
         let Some(vm) = &self.vm else {
             return Vec::new();
