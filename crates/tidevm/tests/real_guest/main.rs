@@ -4,6 +4,7 @@
 //! `cargo test --release -p tidevm --test real_guest [-- FILTER]`
 
 mod balloon;
+mod block;
 mod dimm;
 mod foundation;
 mod virtio_mem;
@@ -31,6 +32,7 @@ fn main() {
         .chain(virtio_mem::SCENARIOS)
         .chain(dimm::SCENARIOS)
         .chain(balloon::SCENARIOS)
+        .chain(block::SCENARIOS)
         .copied()
         .collect();
     let selected: Vec<_> = scenarios

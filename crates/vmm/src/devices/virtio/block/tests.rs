@@ -771,10 +771,11 @@ fn buffers_in_an_ejected_dimm_are_refused() {
 }
 
 /// Memory access that unplugs a block in the middle of a request: the `nth` time it is asked
-/// about `trigger`, it first unplugs `block` of `region`, then answers. The device asks once
-/// before the I/O (all buffers) and again right before each access; closing between the two
-/// is what a device closing memory in the same pass (a virtio-mem unplug handled between
-/// two requests' checks) would do.
+/// about `trigger`, it first unplugs `block` of `region` (really: `PROT_NONE`), then answers.
+/// The device asks once before the I/O (all buffers) and again right before each access;
+/// closing in between stands for memory closed during the pass by someone else (a virtio-mem
+/// unplug handled on the same thread between two chains), after the device last looked.
+/// Touching the buffer anyway would kill the test process with SIGSEGV.
 struct ClosingAccess {
     mm: RefCell<MemoryManager>,
     region: HotplugRegionId,
