@@ -132,7 +132,7 @@ fn scenario(lane: &Lane) -> Result<()> {
     let written = md5_of(&written);
     guest.run(
         &format!(
-            "dd if=/tmp/pattern of=/dev/vda bs=1M seek={PATTERN_AT_MIB} conv=fsync 2>/dev/null \
+            "dd if=/tmp/pattern of=/dev/vda bs=1M seek={PATTERN_AT_MIB} conv=notrunc,fsync 2>/dev/null \
              && sync"
         ),
         IO,
@@ -170,11 +170,17 @@ fn scenario(lane: &Lane) -> Result<()> {
         &guest,
         format!("writing the read-only disk succeeded: {out}"),
     )?;
-    let (_, ro_host) = lane.sh(&format!("od -An -tx1 {RO_IMAGE} | sort -u"), CMD)?;
+    let (_, ro_host) = lane.sh(
+        &format!(
+            "a=$(md5sum < {RO_IMAGE}); b=$(head -c 16777216 /dev/zero | md5sum); \
+             [ \"$a\" = \"$b\" ] && echo all-zero || echo \"changed: $a\""
+        ),
+        CMD,
+    )?;
     check(
-        ro_host.split_whitespace().all(|b| b == "00"),
+        ro_host.trim() == "all-zero",
         &guest,
-        format!("read-only image changed: {ro_host}"),
+        format!("read-only image: {ro_host}"),
     )?;
 
     // The host's counters.
