@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the L2 guest that tidevm boots: build/guest/{vmlinux,bzImage,
 # initramfs.cpio.gz,VERSIONS}. The userland is busybox init with a root shell
-# on ttyS0; the init script loads virtio_mem and virtio_balloon and prints
+# on ttyS0; the init script loads virtio_mem, virtio_balloon and virtio_blk and prints
 # TIDEVM-GUEST-READY, which the test harness waits for.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -39,7 +39,7 @@ extract_vmlinux "$BZIMAGE" "$OUT/vmlinux"
 ROOT="$(mktemp -d "$BUILD_DIR/guest-root.XXXXXX")"
 trap 'rm -rf "$ROOT"' EXIT
 install_busybox "$BUSYBOX_TREE/bin/busybox" "$ROOT"
-install_modules "$MODROOT" "$ROOT/lib/modules" virtio_mem virtio_balloon
+install_modules "$MODROOT" "$ROOT/lib/modules" virtio_mem virtio_balloon virtio_blk
 mkdir -p "$ROOT"/{proc,sys,dev,tmp,root,etc/init.d}
 ln -s sbin/init "$ROOT/init"
 # memtouch: a static helper that fills and checks memory in the guest (tests, demo).

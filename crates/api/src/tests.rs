@@ -104,6 +104,19 @@ fn sample_info() -> VmInfo {
             initramfs: Some("/guest/initramfs.cpio.gz".to_owned()),
             cmdline: "console=ttyS0".to_owned(),
         }),
+        disks: vec![crate::DiskInfo {
+            id: "disk0".to_owned(),
+            path: "/var/lib/disk.img".to_owned(),
+            readonly: false,
+            direct: false,
+            capacity_bytes: 64 << 20,
+            block_size: 512,
+            counters: crate::DiskCounters {
+                read_requests: 3,
+                bytes_read: 12288,
+                ..Default::default()
+            },
+        }],
     }
 }
 

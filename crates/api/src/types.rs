@@ -347,6 +347,62 @@ pub struct VirtioMemCounters {
     pub unplug_handling_ns: u64,
 }
 
+/// A virtio-blk disk and its counters (since the VM booted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskInfo {
+    /// Disk id (also the guest's GET_ID string, cut to 20 bytes).
+    pub id: String,
+    /// Image file or block device on the host.
+    pub path: String,
+    /// The guest may not write.
+    pub readonly: bool,
+    /// Opened with O_DIRECT.
+    pub direct: bool,
+    /// Bytes the guest sees.
+    pub capacity_bytes: u64,
+    /// Block size the guest is told (512, or 4096 with direct).
+    pub block_size: u32,
+    /// What the guest asked and what it got.
+    #[serde(default)]
+    pub counters: DiskCounters,
+}
+
+/// Per-disk counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCounters {
+    /// IN requests.
+    pub read_requests: u64,
+    /// OUT requests.
+    pub write_requests: u64,
+    /// FLUSH requests.
+    pub flush_requests: u64,
+    /// GET_ID requests.
+    pub get_id_requests: u64,
+    /// DISCARD requests.
+    pub discard_requests: u64,
+    /// WRITE_ZEROES requests.
+    pub write_zeroes_requests: u64,
+    /// Requests of a type the device does not support.
+    pub unsupported_requests: u64,
+    /// Bytes read from the disk into the guest.
+    pub bytes_read: u64,
+    /// Bytes written to the disk by the guest.
+    pub bytes_written: u64,
+    /// Bytes discarded.
+    pub bytes_discarded: u64,
+    /// Bytes zeroed with WRITE_ZEROES.
+    pub bytes_zeroed: u64,
+    /// Requests answered with an I/O error (bad range, host failure, read-only disk,
+    /// inaccessible guest buffer, malformed chain).
+    pub io_errors: u64,
+    /// Descriptor chains that were not a well-formed request.
+    pub malformed: u64,
+    /// Chains returned without a status (no usable status byte).
+    pub dropped: u64,
+    /// Failures of the host's read, write, sync or fallocate calls.
+    pub host_errors: u64,
+}
+
 /// One guest access to memory it does not own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryViolation {
@@ -417,6 +473,9 @@ pub struct VmInfo {
     /// What the VM boots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<PayloadInfo>,
+    /// virtio-blk disks, in command-line order.
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
 }
 
 /// Body of `PUT /vm/virtio-mem/{id}`.

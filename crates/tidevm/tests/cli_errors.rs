@@ -528,3 +528,85 @@ fn metrics_port_in_use() {
         &["metrics", &addr, "in use"],
     );
 }
+
+#[test]
+fn disk_image_that_does_not_exist() {
+    let kernel = junk_kernel("disk-missing");
+    let path = "/nonexistent/tidevm-test/disk.img";
+    let disk = format!("path={path}");
+    let kernel = kernel.0.to_str().unwrap();
+    expect_error(
+        &[
+            "run", "--kernel", kernel, "--serial", "off", "--disk", &disk,
+        ],
+        &[path, "does not exist"],
+    );
+}
+
+#[test]
+fn disk_option_with_an_unknown_key_or_no_path() {
+    let kernel = junk_kernel("disk-keys");
+    let kernel = kernel.0.to_str().unwrap();
+    for (value, names) in [
+        (
+            "path=/tmp/x.img,cache=none",
+            &["--disk", "unknown key 'cache'"][..],
+        ),
+        ("readonly=on", &["--disk", "path= is required"][..]),
+        (
+            "path=/tmp/x.img,direct=maybe",
+            &["--disk", "direct must be on or off"][..],
+        ),
+    ] {
+        expect_error(
+            &[
+                "run", "--kernel", kernel, "--serial", "off", "--disk", value,
+            ],
+            names,
+        );
+    }
+}
+
+#[test]
+fn two_disks_with_one_id() {
+    let kernel = junk_kernel("disk-dup");
+    let image = TempFile::with_contents("disk-dup.img", &[0u8; 4096]);
+    let kernel = kernel.0.to_str().unwrap();
+    let disk = format!("path={},id=data", image.0.display());
+    expect_error(
+        &[
+            "run", "--kernel", kernel, "--serial", "off", "--disk", &disk, "--disk", &disk,
+        ],
+        &["--disk", "data", "two disks have this id"],
+    );
+}
+
+#[test]
+fn read_only_disk_image_opened_for_writing() {
+    use std::os::unix::fs::PermissionsExt;
+    let kernel = junk_kernel("disk-ro");
+    let kernel = kernel.0.to_str().unwrap();
+    let image = TempFile::with_contents("disk-ro.img", &[0u8; 4096]);
+    std::fs::set_permissions(&image.0, std::fs::Permissions::from_mode(0o444)).unwrap();
+    // root may write a mode-444 file; a sysfs attribute without a write method it may not.
+    let path = if OpenOptions::new().write(true).open(&image.0).is_ok() {
+        PathBuf::from("/sys/kernel/notes")
+    } else {
+        image.0.clone()
+    };
+    if OpenOptions::new().write(true).open(&path).is_ok() || !path.exists() {
+        skip_loudly(
+            "read_only_disk_image_opened_for_writing",
+            "no file here that this user cannot open for writing",
+        );
+        return;
+    }
+    let path = path.to_str().unwrap();
+    let disk = format!("path={path}");
+    expect_error(
+        &[
+            "run", "--kernel", kernel, "--serial", "off", "--disk", &disk,
+        ],
+        &[path, "read-only", "readonly=on"],
+    );
+}

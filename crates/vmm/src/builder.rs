@@ -25,6 +25,7 @@ use crate::devices::pci::root::PCI_CONFIG_IO_SIZE;
 use crate::devices::pci::{BarAllocator, PciConfigIo, PciConfigMmio, PciRoot};
 use crate::devices::platform::{AcpiPowerManagement, ACPI_PM_SIZE};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonDevice};
+use crate::devices::virtio::block::{BlockConfig, Disk, DiskError, VirtioBlock};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemConfig, VirtioMemError};
 use crate::devices::virtio::transport_pci::{
     VirtioPciDevice, VirtioPciError, VirtioTransport, BAR_SIZE,
@@ -91,6 +92,15 @@ pub enum BuildError {
         #[source]
         source: DimmMemoryError,
     },
+    /// A disk image could not be opened.
+    #[error("cannot attach disk {id}")]
+    Disk {
+        /// The disk's id.
+        id: String,
+        /// The cause.
+        #[source]
+        source: DiskError,
+    },
     /// The balloon could not be created.
     #[error("cannot create the balloon")]
     Balloon(#[source] crate::devices::virtio::balloon::BalloonError),
@@ -125,6 +135,8 @@ pub struct RunningVm {
     pub stop: Arc<AtomicBool>,
     /// Every virtio transport, in the order their queue events are watched.
     pub virtio: Vec<Arc<Mutex<dyn VirtioTransport>>>,
+    /// The virtio-blk disks (also in `virtio`), in configuration order.
+    pub disks: Vec<Arc<Mutex<VirtioPciDevice<VirtioBlock>>>>,
     /// Devices the guest reaches by port I/O and MMIO, and PCI bus 0; held so they live as
     /// long as the VM (the vCPU threads hold the buses too).
     _platform: Platform,
@@ -330,6 +342,20 @@ pub fn build_vm(
     if let Some(balloon) = &balloon {
         virtio.push(balloon.clone());
     }
+    let mut disks = Vec::with_capacity(config.disks.len());
+    for disk_config in &config.disks {
+        let disk = Disk::open(disk_config.options()).map_err(|source| BuildError::Disk {
+            id: disk_config.id.clone(),
+            source,
+        })?;
+        let device = VirtioBlock::new(BlockConfig {
+            id: disk_config.id.clone(),
+            disk,
+        });
+        let transport = attacher.attach(disk_config.id.clone(), device)?;
+        virtio.push(transport.clone());
+        disks.push(transport);
+    }
 
     let acpi_config = AcpiConfig {
         cpus: config.cpus,
@@ -383,6 +409,7 @@ pub fn build_vm(
         vcpus,
         stop,
         virtio,
+        disks,
         _platform: Platform {
             io_bus,
             mmio_bus,

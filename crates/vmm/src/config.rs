@@ -32,6 +32,9 @@ pub enum ConfigError {
     /// vCPU count out of bounds.
     #[error("--cpus {0} is invalid: between 1 and {MAX_VCPUS} vCPUs are supported")]
     InvalidCpus(u32),
+    /// A disk image cannot be opened as asked (missing, read-only, O_DIRECT refused).
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::DiskError),
     /// A file that must exist does not.
     #[error("{what} {path} does not exist or is not readable")]
     MissingFile {
@@ -422,6 +425,78 @@ impl BalloonDeviceConfig {
     }
 }
 
+/// One virtio-blk disk: `path=FILE[,readonly=on][,id=ID][,direct=on]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Name in the API and the guest's GET_ID string (`disk0`, `disk1`... by default).
+    pub id: String,
+    /// Raw image file or block device.
+    pub path: PathBuf,
+    /// The guest may not write.
+    pub readonly: bool,
+    /// Open with `O_DIRECT` (bypass the host page cache).
+    pub direct: bool,
+}
+
+impl DiskConfig {
+    /// Parses a `--disk` value; `index` (its place among the disks) names it when no id is
+    /// given.
+    pub fn parse(value: &str, index: usize) -> Result<Self, ConfigError> {
+        let invalid = |reason: String| ConfigError::InvalidOption {
+            option: "disk",
+            value: value.to_string(),
+            reason,
+        };
+        let on_off = |key: &str, v: &str| match v {
+            "on" | "true" => Ok(true),
+            "off" | "false" => Ok(false),
+            _ => Err(invalid(format!("{key} must be on or off, not '{v}'"))),
+        };
+        let mut path = None;
+        let mut config = DiskConfig {
+            id: format!("disk{index}"),
+            path: PathBuf::new(),
+            readonly: false,
+            direct: false,
+        };
+        for item in value.split(',') {
+            let (key, v) = item
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("'{item}' is not key=value")))?;
+            match key {
+                "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+                "path" => return Err(invalid("path= is empty".into())),
+                "id" => config.id = v.to_string(),
+                "readonly" => config.readonly = on_off(key, v)?,
+                "direct" => config.direct = on_off(key, v)?,
+                _ => return Err(invalid(format!("unknown key '{key}'"))),
+            }
+        }
+        config.path = path.ok_or_else(|| invalid("path= is required".into()))?;
+        let id_ok = !config.id.is_empty()
+            && config.id.len() <= 64
+            && config
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !id_ok {
+            return Err(invalid(
+                "id must be 1-64 characters of [A-Za-z0-9_.-]".into(),
+            ));
+        }
+        Ok(config)
+    }
+
+    /// How to open the disk.
+    pub fn options(&self) -> crate::devices::virtio::block::DiskOptions {
+        crate::devices::virtio::block::DiskOptions {
+            path: self.path.clone(),
+            readonly: self.readonly,
+            direct: self.direct,
+        }
+    }
+}
+
 /// Longest `stats-interval` of the balloon: a day.
 pub const MAX_STATS_INTERVAL_SECS: u64 = 24 * 60 * 60;
 
@@ -518,6 +593,8 @@ pub struct VmConfig {
     /// The autopilot's policy (`--memory-policy`). Parsed and validated only: nothing acts
     /// on it until a planner carries its targets out.
     pub memory_policy: Option<PolicyConfig>,
+    /// virtio-blk disks, in command-line order.
+    pub disks: Vec<DiskConfig>,
 }
 
 /// What happens when the guest touches hotplug memory that is not plugged.
@@ -600,6 +677,20 @@ impl VmConfig {
                     reason: "two devices have this id".into(),
                 });
             }
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            if self.disks[..i].iter().any(|d| d.id == disk.id) {
+                return Err(ConfigError::InvalidOption {
+                    option: "disk",
+                    value: disk.id.clone(),
+                    reason: "two disks have this id".into(),
+                });
+            }
+        }
+        // Opened once now, so that a missing or read-only image fails before anything boots;
+        // the builder opens it again for the device.
+        for disk in &self.disks {
+            crate::devices::virtio::block::Disk::open(disk.options())?;
         }
         for (what, path) in [
             ("kernel", Some(&self.kernel)),
@@ -864,6 +955,73 @@ mod tests {
     }
 
     #[test]
+    fn disk_options() {
+        let d = DiskConfig::parse("path=/x.img,readonly=on,id=root,direct=on", 3).unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                id: "root".into(),
+                path: "/x.img".into(),
+                readonly: true,
+                direct: true,
+            }
+        );
+        let d = DiskConfig::parse("path=/x.img", 3).unwrap();
+        assert_eq!(
+            (d.id.as_str(), d.readonly, d.direct),
+            ("disk3", false, false)
+        );
+        for (bad, why) in [
+            ("", "is not key=value"),
+            ("readonly=on", "path= is required"),
+            ("path=", "path= is empty"),
+            ("path=/x,cache=none", "unknown key 'cache'"),
+            ("path=/x,readonly=yes", "readonly must be on or off"),
+            ("path=/x,id=", "id must be"),
+            ("path=/x,id=a/b", "id must be"),
+        ] {
+            let e = DiskConfig::parse(bad, 0).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("--disk"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn disks_are_checked_for_duplicate_ids_and_missing_files() {
+        let image = std::env::temp_dir().join(format!("tidevm-config-{}.img", std::process::id()));
+        std::fs::write(&image, [0u8; 4096]).unwrap();
+        let disk = |id: &str, path: &std::path::Path| DiskConfig {
+            id: id.into(),
+            path: path.into(),
+            readonly: false,
+            direct: false,
+        };
+        let mut config = small_config();
+        config.disks = vec![disk("a", &image), disk("b", &image)];
+        config.validate(None).unwrap();
+        config.disks = vec![disk("a", &image), disk("a", &image)];
+        let e = config.validate(None).unwrap_err().to_string();
+        assert!(
+            e.contains("two disks have this id") && e.contains("--disk"),
+            "{e}"
+        );
+        let missing = image.with_extension("missing");
+        config.disks = vec![disk("a", &missing)];
+        let e = config.validate(None).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::Disk(crate::devices::virtio::block::DiskError::NotFound { .. })
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains(&missing.display().to_string()),
+            "{e}"
+        );
+        std::fs::remove_file(&image).unwrap();
+    }
+
+    #[test]
     fn serial_options() {
         assert_eq!(SerialConfig::parse("stdout").unwrap(), SerialConfig::Stdout);
         assert_eq!(
@@ -894,6 +1052,7 @@ mod tests {
             violation_policy: ViolationPolicy::Report,
             numa: Vec::new(),
             balloon: None,
+            disks: Vec::new(),
             dimms: Vec::new(),
             memory_policy: None,
         }
@@ -991,6 +1150,7 @@ mod tests {
             violation_policy: ViolationPolicy::Report,
             numa: Vec::new(),
             balloon: None,
+            disks: Vec::new(),
             dimms: Vec::new(),
             memory_policy: None,
         };

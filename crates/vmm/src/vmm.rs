@@ -366,6 +366,7 @@ impl Vmm {
         let answer = match request {
             ApiRequest::VmInfo => Ok(ApiResponse::VmInfo(api::vm_info(
                 self.vm.as_ref().map(|vm| &vm.memory),
+                self.vm.as_ref().map_or(&[], |vm| &vm.disks[..]),
                 &self.config,
             ))),
             ApiRequest::Shutdown => {

@@ -7,7 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use tidevm_api::{parse_socket_mode, ApiServer, MetricsListener, DEFAULT_SOCKET_MODE};
 use tidevm_vmm::config::{
-    BalloonDeviceConfig, MemoryConfig, NumaNodeConfig, SerialConfig, ViolationPolicy,
+    BalloonDeviceConfig, DiskConfig, MemoryConfig, NumaNodeConfig, SerialConfig, ViolationPolicy,
     VirtioMemDeviceConfig,
 };
 use tidevm_vmm::memory::host_memory_bytes;
@@ -53,6 +53,11 @@ pub struct RunArgs {
     /// that benchmarks can compare.
     #[arg(long)]
     balloon: Option<String>,
+    /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,id=ID][,direct=on]. FILE is a
+    /// raw image or a block device; ids default to disk0, disk1... in order; direct=on opens
+    /// it with O_DIRECT (the guest then sees 4 KiB blocks).
+    #[arg(long)]
+    disk: Vec<String>,
     /// A NUMA node (repeatable): node=ID,cpus=LIST,memory=SIZE; the nodes' memory must add
     /// up to --memory.
     #[arg(long)]
@@ -118,6 +123,12 @@ impl RunArgs {
                 .as_deref()
                 .map(PolicyConfig::parse)
                 .transpose()?,
+            disks: self
+                .disk
+                .iter()
+                .enumerate()
+                .map(|(index, v)| DiskConfig::parse(v, index))
+                .collect::<Result<_, _>>()?,
         })
     }
 }

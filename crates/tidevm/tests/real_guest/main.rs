@@ -5,6 +5,7 @@
 
 mod autopilot;
 mod balloon;
+mod block;
 mod ch_compat;
 mod dimm;
 mod foundation;
@@ -35,6 +36,7 @@ fn main() {
         .chain(autopilot::SCENARIOS)
         .chain(balloon::SCENARIOS)
         .chain(ch_compat::SCENARIOS)
+        .chain(block::SCENARIOS)
         .copied()
         .collect();
     let selected: Vec<_> = scenarios

@@ -327,8 +327,60 @@ fn virtio_mem_info(memory: &MemoryService) -> Vec<VirtioMemInfo> {
         .collect()
 }
 
+/// The disks for `GET /vm/info`.
+fn disks_info(disks: &[DiskHandle]) -> Vec<tidevm_api::DiskInfo> {
+    disks
+        .iter()
+        .map(|d| {
+            let transport = d.lock().unwrap_or_else(|e| e.into_inner());
+            let device = transport.device();
+            let disk = device.disk();
+            let m = device.metrics();
+            tidevm_api::DiskInfo {
+                id: device.id().to_owned(),
+                path: disk.options().path.display().to_string(),
+                readonly: disk.options().readonly,
+                direct: disk.options().direct,
+                capacity_bytes: disk.capacity(),
+                // 512 or 4096.
+                block_size: disk.block_size() as u32,
+                counters: tidevm_api::DiskCounters {
+                    read_requests: m.requests.read,
+                    write_requests: m.requests.write,
+                    flush_requests: m.requests.flush,
+                    get_id_requests: m.requests.get_id,
+                    discard_requests: m.requests.discard,
+                    write_zeroes_requests: m.requests.write_zeroes,
+                    unsupported_requests: m.requests.unsupported,
+                    bytes_read: m.bytes_read,
+                    bytes_written: m.bytes_written,
+                    bytes_discarded: m.bytes_discarded,
+                    bytes_zeroed: m.bytes_zeroed,
+                    io_errors: m.io_errors,
+                    malformed: m.malformed,
+                    dropped: m.dropped,
+                    host_errors: m.host_errors,
+                },
+            }
+        })
+        .collect()
+}
+
+/// A virtio-blk disk on PCI.
+pub(super) type DiskHandle = std::sync::Arc<
+    std::sync::Mutex<
+        crate::devices::virtio::transport_pci::VirtioPciDevice<
+            crate::devices::virtio::block::VirtioBlock,
+        >,
+    >,
+>;
+
 /// `GET /vm/info`: `memory` is `None` between a stop and the next boot.
-pub(super) fn vm_info(memory: Option<&MemoryService>, config: &VmConfig) -> VmInfo {
+pub(super) fn vm_info(
+    memory: Option<&MemoryService>,
+    disks: &[DiskHandle],
+    config: &VmConfig,
+) -> VmInfo {
     let vcpus = u32::from(config.cpus);
     let boot_ram_bytes = config.memory.size;
     let payload = Some(PayloadInfo {
@@ -354,6 +406,7 @@ pub(super) fn vm_info(memory: Option<&MemoryService>, config: &VmConfig) -> VmIn
             memory_violation_count: 0,
             dimms: None,
             payload,
+            disks: Vec::new(),
         };
     };
     let (ram, hotplug_area) = memory.layout();
@@ -387,6 +440,7 @@ pub(super) fn vm_info(memory: Option<&MemoryService>, config: &VmConfig) -> VmIn
         memory_violation_count: violations.count,
         dimms: memory.dimms_status().map(dimms_info),
         payload,
+        disks: disks_info(disks),
     }
 }
 

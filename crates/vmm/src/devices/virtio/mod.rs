@@ -7,6 +7,7 @@
 use vm_memory::GuestMemoryMmap;
 
 pub mod balloon;
+pub mod block;
 pub mod chain;
 pub mod mem;
 pub mod msix;
@@ -74,7 +75,7 @@ pub struct Signal {
 
 /// A virtio device behind some transport.
 pub trait VirtioDevice: Send {
-    /// Virtio device ID (24 virtio-mem, 5 balloon).
+    /// Virtio device ID (24 virtio-mem, 5 balloon, 2 block).
     fn device_type(&self) -> u32;
     /// Maximum size of each queue (its length is the number of queues).
     fn queue_max_sizes(&self) -> &[u16];
