@@ -117,6 +117,7 @@ fuzz_target!(|input: Input| {
         balloon: balloon.clone(),
         dimms: Vec::new(),
         memory_policy: None,
+        disks: Vec::new(),
     };
     if config.validate(Some(u64::MAX)).is_ok() {
         assert!(memory.size >= 128 * MIB && memory.size % (2 * MIB) == 0);
