@@ -178,6 +178,18 @@ impl std::fmt::Debug for MemoryService {
     }
 }
 
+/// The guest RAM the balloon's RSS audit measures against: boot RAM, plugged virtio-mem
+/// memory and every DIMM. DIMMs are guest mappings too, so their resident memory is in the
+/// guest-memory RSS; leaving them out made a guest using its DIMMs look like one using
+/// inflated pages.
+fn guest_ram_bytes(boot: u64, virtio_mem_plugged: u64, dimms: &[u64]) -> u64 {
+    dimms
+        .iter()
+        .fold(boot.saturating_add(virtio_mem_plugged), |total, d| {
+            total.saturating_add(*d)
+        })
+}
+
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -319,8 +331,8 @@ impl MemoryService {
             .iter()
             .map(|(s, _)| s.plugged_size)
             .sum();
-        let dimm_bytes: u64 = self.settings.dimms.iter().map(|d| d.size).sum();
-        let ram = self.settings.memory.size + plugged + dimm_bytes;
+        let dimm_sizes: Vec<u64> = self.settings.dimms.iter().map(|d| d.size).collect();
+        let ram = guest_ram_bytes(self.settings.memory.size, plugged, &dimm_sizes);
         let audit = transport.device().audit(self.manager.resident().guest, ram);
         Ok((status, ram, audit))
     }
@@ -451,5 +463,19 @@ impl MemoryService {
     pub fn layout(&self) -> (Vec<GuestRange>, GuestRange) {
         let layout = self.manager.layout();
         (layout.ram.clone(), layout.hotplug_area)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hostile-guest defect 5: the audit's RAM left DIMMs out.
+    #[test]
+    fn the_audit_counts_dimms_as_guest_ram() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(guest_ram_bytes(GIB, 2 * GIB, &[]), 3 * GIB);
+        assert_eq!(guest_ram_bytes(GIB, 0, &[GIB, GIB / 2]), 5 * GIB / 2);
+        assert_eq!(guest_ram_bytes(u64::MAX, 1, &[1]), u64::MAX, "saturates");
     }
 }
