@@ -149,8 +149,17 @@ pub(super) fn run(lane: &Lane, args: &BootVsArgs) -> Vec<RunRecord> {
         .map(|run| {
             eprintln!("==== bench boot-vs-ch: run {run}/{} ====", args.common.runs);
             let result = one_run(lane, args, &ch, run);
-            if let Err(e) = &result {
-                eprintln!("bench boot-vs-ch: run {run} failed: {e}");
+            match &result {
+                // Each run's figures as they come: a lane that wedges later keeps them.
+                Ok(metrics) => eprintln!(
+                    "bench boot-vs-ch: run {run}: {}",
+                    metrics
+                        .iter()
+                        .map(|m| format!("{} {:.3}", m.key, m.value))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Err(e) => eprintln!("bench boot-vs-ch: run {run} failed: {e}"),
             }
             RunRecord {
                 result,
