@@ -9,8 +9,6 @@
 //! counted, and a client whose socket fails is disconnected.
 
 use std::io::{self, Read, Write};
-
-use crate::devices::console_output::BufferedOutput;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -244,25 +242,15 @@ impl Console {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(open_err("interrupt".into()))?;
         let irq_for_uart = irq.try_clone().map_err(open_err("interrupt".into()))?;
         let client = ConnectedClient::default();
-        let buffered = |out: Box<dyn Write + Send>,
-                        what: &str|
-         -> Result<Box<dyn Write + Send>, ConsoleError> {
-            Ok(Box::new(BufferedOutput::new(out).map_err(open_err(
-                format!("{what} (its writer thread)"),
-            ))?))
-        };
         let out: Box<dyn Write + Send> = match config {
-            SerialConfig::Stdout => buffered(Box::new(io::stdout()), "stdout")?,
-            SerialConfig::File(path) => buffered(
-                Box::new(
-                    std::fs::OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(path)
-                        .map_err(open_err(path.display().to_string()))?,
-                ),
-                &path.display().to_string(),
-            )?,
+            SerialConfig::Stdout => Box::new(io::stdout()),
+            SerialConfig::File(path) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(open_err(path.display().to_string()))?,
+            ),
             SerialConfig::Socket(_) | SerialConfig::Tcp(_) => Box::new(client.clone()),
             SerialConfig::Off => Box::new(io::sink()),
         };

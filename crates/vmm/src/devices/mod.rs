@@ -1,7 +1,6 @@
 //! Emulated devices: the buses that route guest I/O, the platform devices, PCI.
 
 pub mod bus;
-pub mod console_output;
 pub mod ged;
 pub mod legacy;
 pub mod memory_hotplug;
