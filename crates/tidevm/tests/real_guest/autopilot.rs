@@ -95,6 +95,13 @@ fn follows_a_ramp(lane: &Lane) -> Result<()> {
         rss >> 10,
         returned.as_secs_f64()
     );
+    if total != boot_total {
+        // What the VMM asked for tells a policy that held apart from a guest that did not
+        // unplug.
+        let (_, memory) = guest.ctl(&["memory"])?;
+        let free = guest.run("grep -E 'MemFree|MemAvailable' /proc/meminfo", CMD)?;
+        eprintln!("autopilot: tidevm memory {memory}\nguest: {free}");
+    }
     check(
         total == boot_total,
         &guest,

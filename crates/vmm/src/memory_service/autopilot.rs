@@ -27,8 +27,8 @@
 //!    grows by at least `growth-margin` over the current total, because the kill has already
 //!    freed the memory that was missing. Growth is never rate limited.
 //! 4. **Shrink slowly, and only surplus.** Only after the guest's *free* memory has stayed
-//!    above `floor + growth-margin + band` for `shrink-hold`, at most `shrink-step` per
-//!    interval, and never below `total - free + floor + growth-margin`: a normal shrink takes
+//!    above `floor + growth-margin + band` (`total - min` instead of `band`, when that is
+//!    less) for `shrink-hold`, at most `shrink-step` per interval, and never below `total - free + floor + growth-margin`: a normal shrink takes
 //!    free memory only, and leaves the guest its page cache.
 //! 5. **Under host pressure, shrink harder.** When the host's memory PSI (`some` or `full`
 //!    avg10) or its MemAvailable crosses a threshold, shrinking needs no hold, steps up to
@@ -115,7 +115,8 @@ pub struct PolicyConfig {
     pub headroom: u64,
     /// A grow leaves `floor + growth_margin` available (`growth-margin=`, 512 MiB).
     pub growth_margin: u64,
-    /// Shrinking needs free memory above `floor + growth_margin + band` (`band=`, 256 MiB).
+    /// Shrinking needs free memory above `floor + growth_margin + band` (`band=`, 256 MiB),
+    /// or above `floor + growth_margin + total - min` when that is less.
     pub band: u64,
     /// How often the policy may step a shrink, and what "fresh" statistics means
     /// (`interval=`, 2 s).
@@ -819,10 +820,13 @@ pub fn decide(config: &PolicyConfig, state: &mut PolicyState, input: &Inputs) ->
     let pressure = host_pressure(config, input.host.as_ref(), state.host_pressure);
     state.host_pressure = pressure;
     let current = input.current_total;
+    // The band keeps the policy from chasing small surpluses, but a surplus that reaches
+    // `min` is never too small: without this, a guest that cannot have that much free memory
+    // (a 1 GiB guest, with the defaults) would stay a block above `min` for good.
     let shrink_threshold = config
         .floor
         .saturating_add(config.growth_margin)
-        .saturating_add(config.band);
+        .saturating_add(config.band.min(current.saturating_sub(config.min)));
     match guest {
         Some(g) if !pressure && g.free > shrink_threshold => {
             let since = guest_time(input);

@@ -426,6 +426,36 @@ fn shrink_waits_for_the_hold_and_steps() {
 }
 
 #[test]
+fn the_last_block_above_min_goes_back() {
+    // A 1 GiB guest one block above min, after a workload: 1152 MiB total, about 1000 MiB
+    // free. Free can never pass floor + margin + band (1 GiB), but the 128 MiB to min can
+    // go: after it, 872 MiB stay free, more than floor + margin (768 MiB).
+    let c = config("auto,min=1G,max=4G");
+    let mut s = PolicyState::default();
+    let total = 1152 * MIB;
+    let mut shrank = None;
+    for t in (0..=40).step_by(2) {
+        let d = decide(&c, &mut s, &input(t, total, Some(sample(t, 1010, 1000))));
+        if let Some(change) = target_of(&d) {
+            shrank = Some((t, change));
+            break;
+        }
+    }
+    assert_eq!(
+        shrank,
+        Some((30, (GIB, ResizeReason::SustainedSurplus))),
+        "held for 30 s, then back to min"
+    );
+    // The same guest with only 850 MiB free keeps its block: 128 MiB less would leave 722,
+    // below floor + margin.
+    let mut s = PolicyState::default();
+    for t in (0..=60).step_by(2) {
+        let d = decide(&c, &mut s, &input(t, total, Some(sample(t, 860, 850))));
+        assert_eq!(target_of(&d), None, "shrank at {t} s with 850 MiB free");
+    }
+}
+
+#[test]
 fn host_pressure_takes_the_cache_but_not_the_floor() {
     let c = config("auto,min=1G,max=8G");
     let pressed = HostPressure {
