@@ -9,6 +9,7 @@ mod block;
 mod ch_compat;
 mod dimm;
 mod foundation;
+mod page_cache;
 mod virtio_mem;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -37,6 +38,7 @@ fn main() {
         .chain(balloon::SCENARIOS)
         .chain(ch_compat::SCENARIOS)
         .chain(block::SCENARIOS)
+        .chain(page_cache::SCENARIOS)
         .copied()
         .collect();
     let selected: Vec<_> = scenarios
