@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Builds the L2 guest that tidevm boots: build/guest/{vmlinux,bzImage,
-# initramfs.cpio.gz,VERSIONS}. The userland is busybox init with a root shell
+# initramfs.cpio.gz,rootfs.ext4,VERSIONS}. The userland is busybox init with a root shell
 # on ttyS0; the init script loads virtio_mem, virtio_balloon and virtio_blk and prints
-# TIDEVM-GUEST-READY, which the test harness waits for.
+# TIDEVM-GUEST-READY, which the test harness waits for. rootfs.ext4 holds the same
+# userland as an ext4 disk image (made with `mke2fs -d`, no root privileges needed): with
+# `root=/dev/vda` on the kernel command line the initramfs's /init mounts it and switches
+# to it, as a distribution's initramfs does.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -13,7 +16,8 @@ for tool in memtouch memphase; do
         rm -f "$OUT/initramfs.cpio.gz"
     fi
 done
-if up_to_date "$SCRIPT" "$OUT/vmlinux" "$OUT/bzImage" "$OUT/initramfs.cpio.gz" "$OUT/VERSIONS"; then
+if up_to_date "$SCRIPT" "$OUT/vmlinux" "$OUT/bzImage" "$OUT/initramfs.cpio.gz" "$OUT/rootfs.ext4" \
+    "$OUT/VERSIONS"; then
     log "up to date: $OUT"
     exit 0
 fi
@@ -40,8 +44,39 @@ ROOT="$(mktemp -d "$BUILD_DIR/guest-root.XXXXXX")"
 trap 'rm -rf "$ROOT"' EXIT
 install_busybox "$BUSYBOX_TREE/bin/busybox" "$ROOT"
 install_modules "$MODROOT" "$ROOT/lib/modules" virtio_mem virtio_balloon virtio_blk
-mkdir -p "$ROOT"/{proc,sys,dev,tmp,root,etc/init.d}
-ln -s sbin/init "$ROOT/init"
+mkdir -p "$ROOT"/{proc,sys,dev,tmp,root,mnt,newroot,etc/init.d}
+# /init: busybox init from the initramfs, or, with root=/dev/... on the command line, the
+# root file system on that disk. virtio_blk is a module, so the kernel cannot mount a
+# virtio disk itself: this script loads the modules, mounts the disk and switches to it.
+cat > "$ROOT/init" <<'INIT'
+#!/bin/sh
+mount -t proc proc /proc
+root=""
+for word in $(cat /proc/cmdline); do
+    case "$word" in
+        root=/dev/*) root="${word#root=}" ;;
+    esac
+done
+if [ -z "$root" ]; then
+    umount /proc
+    exec /sbin/init
+fi
+echo 4 > /proc/sys/kernel/printk
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+while read -r module; do
+    insmod "/lib/modules/$module" || echo "tidevm-guest: insmod $module failed"
+done < /lib/modules/load-order
+if mount -t ext4 -o rw "$root" /newroot && [ -x /newroot/sbin/init ]; then
+    echo "tidevm-guest: root file system on $root" > /dev/kmsg
+    umount /dev /sys /proc
+    exec switch_root /newroot /sbin/init
+fi
+echo "tidevm-guest: cannot mount $root, staying in the initramfs" > /dev/kmsg
+umount /dev /sys /proc
+exec /sbin/init
+INIT
+chmod +x "$ROOT/init"
 # memtouch: a static helper that fills and checks memory in the guest (tests, demo).
 gcc -O2 -static -o "$ROOT/bin/memtouch" "$(dirname "$SCRIPT")/tools/memtouch.c"
 # memphase: takes and gives back memory in phases (ramp, burst, hold, idle, release), for the
@@ -69,6 +104,9 @@ echo "tidevm-guest: userspace init running" > /dev/kmsg
 # harness reads command output from it.
 echo 4 > /proc/sys/kernel/printk
 while read -r module; do
+    # Booted from a disk, /init has loaded them already.
+    name="$(basename "$module" | sed 's/\.ko.*//; s/-/_/g')"
+    [ -d "/sys/module/$name" ] && continue
     insmod "/lib/modules/$module" || echo "tidevm-guest: insmod $module failed"
 done < /lib/modules/load-order
 # Level 3 so it passes the console log level set above: when the serial tty
@@ -91,6 +129,13 @@ pack_cpio "$ROOT" "$OUT/initramfs.cpio"
 gzip -9n < "$OUT/initramfs.cpio" > "$OUT/initramfs.cpio.gz.tmp"
 mv "$OUT/initramfs.cpio.gz.tmp" "$OUT/initramfs.cpio.gz"
 rm -f "$OUT/initramfs.cpio"
+
+# The same tree as an ext4 root disk: its content plus room for the tests' files.
+log "making the ext4 root disk"
+root_mib=$(( $(du -sm "$ROOT" | cut -f1) + 48 ))
+rm -f "$OUT/rootfs.ext4.tmp"
+PATH="$PATH:/usr/sbin:/sbin" mke2fs -q -t ext4 -L tidevm-root -E root_owner=0:0 -d "$ROOT" "$OUT/rootfs.ext4.tmp" "${root_mib}M"
+mv "$OUT/rootfs.ext4.tmp" "$OUT/rootfs.ext4"
 
 {
     echo "kernel_package=$KERNEL_PKG"

@@ -16,11 +16,12 @@ GUEST="$BUILD_DIR/guest"
 SCRIPT="${BASH_SOURCE[0]}"
 if up_to_date "$SCRIPT" "$OUT/vmlinuz" "$OUT/base.cpio" \
     && [ "$OUT/base.cpio" -nt "$GUEST/initramfs.cpio.gz" ] \
-    && [ "$OUT/base.cpio" -nt "$GUEST/vmlinux" ]; then
+    && [ "$OUT/base.cpio" -nt "$GUEST/vmlinux" ] \
+    && [ "$OUT/base.cpio" -nt "$GUEST/rootfs.ext4" ]; then
     log "up to date: $OUT"
     exit 0
 fi
-[ -f "$GUEST/vmlinux" ] && [ -f "$GUEST/initramfs.cpio.gz" ] \
+[ -f "$GUEST/vmlinux" ] && [ -f "$GUEST/initramfs.cpio.gz" ] && [ -f "$GUEST/rootfs.ext4" ] \
     || die "build the L2 guest first (guest/build-guest.sh)"
 
 KERNEL_PKG="$(kernel_package)"
@@ -43,6 +44,8 @@ install_modules "$MODROOT" "$ROOT/lib/modules" irqbypass kvm kvm_amd
 mkdir -p "$ROOT"/{proc,sys,dev,tmp,run,root,etc/init.d,guest,usr/local/bin}
 ln -s sbin/init "$ROOT/init"
 cp "$GUEST/vmlinux" "$GUEST/initramfs.cpio.gz" "$GUEST/VERSIONS" "$ROOT/guest/"
+# Mostly free space: compressed here, unpacked into /run by the scenarios that boot from it.
+gzip -1n < "$GUEST/rootfs.ext4" > "$ROOT/guest/rootfs.ext4.gz"
 
 cat > "$ROOT/etc/inittab" <<'INITTAB'
 ::sysinit:/etc/init.d/rcS

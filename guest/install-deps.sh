@@ -20,6 +20,8 @@ declare -A NEEDED=(
     [modinfo]=kmod
     [file]=file
     [make]=make
+    # The guest's ext4 root disk (mke2fs -d).
+    [mke2fs]=e2fsprogs
     # The metrics tests: promtool checks the scrape text, a real Prometheus scrapes tidevm.
     [prometheus]=prometheus
     [promtool]=prometheus

@@ -136,6 +136,9 @@ impl LanePaths {
     pub fn guest_initramfs(&self) -> PathBuf {
         self.build_dir.join("guest/initramfs.cpio.gz")
     }
+    pub fn guest_rootfs(&self) -> PathBuf {
+        self.build_dir.join("guest/rootfs.ext4")
+    }
     pub fn l1_kernel(&self) -> PathBuf {
         self.build_dir.join("l1/vmlinuz")
     }
@@ -405,6 +408,24 @@ tidevm inside it); logs in {} ====",
         match self.kind {
             LaneKind::Direct => self.paths.guest_initramfs().display().to_string(),
             LaneKind::Nested => "/guest/initramfs.cpio.gz".into(),
+        }
+    }
+    /// Writes a fresh copy of the guest's ext4 root disk (build/guest/rootfs.ext4; the
+    /// nested lane's L1 carries it compressed) to `dest`, a path inside the lane.
+    pub fn copy_root_disk_to(&self, dest: &str, timeout: Duration) -> Result<()> {
+        let dest = text::shell_quote(dest);
+        let script = match self.kind {
+            LaneKind::Direct => format!(
+                "cp {} {dest}",
+                text::shell_quote(&self.paths.guest_rootfs().display().to_string())
+            ),
+            LaneKind::Nested => format!("gunzip -c /guest/rootfs.ext4.gz > {dest}"),
+        };
+        match self.sh(&script, timeout)? {
+            (0, _) => Ok(()),
+            (rc, out) => Err(self.failure(format!(
+                "copying the root disk to {dest} exited with {rc}: {out}"
+            ))),
         }
     }
     pub(crate) fn next_guest_id(&self) -> u64 {
