@@ -32,6 +32,9 @@ enum BenchCommand {
     /// Boot time side by side with Cloud Hypervisor: the same guest in both, interleaved in
     /// the same lane, with tidevm's time as a fraction of CH's.
     BootVsCh(super::bench_boot_vs::BootVsArgs),
+    /// Where a boot's time goes: the guest's own timeline with initcall_debug (slowest
+    /// initcalls, longest gaps) and the vCPU exits by reason at the ready prompt.
+    BootProfile(super::bench_boot_profile::BootProfileArgs),
     /// virtio-mem: time from the API request until the guest has plugged SIZE, and back to
     /// 0; tidevm's own share of that time; host RSS.
     VirtioMem(super::bench_virtio_mem::VirtioMemArgs),
@@ -104,6 +107,12 @@ pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
             &vs.common,
             json!({ "cmdline": vs.cmdline }),
             super::bench_boot_vs::run(&lane, vs),
+        ),
+        BenchCommand::BootProfile(profile) => (
+            "boot-profile",
+            &profile.common,
+            json!({ "cmdline": profile.cmdline }),
+            super::bench_boot_profile::run(&lane, profile),
         ),
         BenchCommand::VirtioMem(mem) => (
             "virtio-mem",

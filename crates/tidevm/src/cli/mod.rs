@@ -3,6 +3,7 @@
 mod bench;
 mod bench_autopilot;
 mod bench_balloon;
+mod bench_boot_profile;
 mod bench_boot_vs;
 mod bench_dimm;
 mod bench_rss;
