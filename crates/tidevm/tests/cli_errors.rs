@@ -610,3 +610,49 @@ fn read_only_disk_image_opened_for_writing() {
         &[path, "read-only", "readonly=on"],
     );
 }
+
+/// `tidevm ctl metrics | head -c 100` ends quietly when the reader is gone: no panic, no
+/// abort (the fail-fast hook aborts on any panic outside the API threads).
+#[test]
+fn ctl_into_a_closed_pipe_ends_quietly() {
+    use std::io::Read;
+    use std::process::Stdio;
+    use std::sync::Arc;
+    use tidevm_api::{ApiError, ApiRequest, ApiResponse, ApiServer, RequestHandler};
+
+    struct Chatty;
+    impl RequestHandler for Chatty {
+        fn handle(&self, _request: ApiRequest) -> Result<ApiResponse, ApiError> {
+            Ok(ApiResponse::Metrics("tidevm_x 1\n".repeat(80_000)))
+        }
+    }
+    let socket = std::env::temp_dir().join(format!(
+        "tidevm-cli-errors-{}-pipe.sock",
+        std::process::id()
+    ));
+    let server = ApiServer::bind(&socket).expect("bind a test API socket");
+    server.spawn(Arc::new(Chatty)).expect("serve it");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidevm"))
+        .args(["ctl", "--api-socket", socket.to_str().unwrap(), "metrics"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start tidevm ctl");
+    let mut head = [0u8; 100];
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_exact(&mut head)
+        .expect("the first 100 bytes");
+    // The read end is dropped here: ctl's next writes meet a closed pipe.
+    let output = child.wait_with_output().expect("wait for tidevm ctl");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        !stderr.contains("panicked") && output.status.signal() != Some(libc::SIGABRT),
+        "ctl did not end quietly: {:?}\n{stderr}",
+        output.status
+    );
+    drop(server);
+}

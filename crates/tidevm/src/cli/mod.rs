@@ -52,7 +52,23 @@ enum Command {
 pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => run::run(args),
-        Command::Ctl(args) => ctl::ctl(args),
+        Command::Ctl(args) => {
+            restore_default_sigpipe();
+            ctl::ctl(args)
+        }
         Command::Bench(args) => bench::bench(args),
+    }
+}
+
+/// `tidevm ctl ... | head` must end quietly when `head` is done, as other command-line
+/// tools do: Rust ignores SIGPIPE, so a write to the closed pipe fails, `println!` panics and
+/// the fail-fast hook aborts. A client owns no VM, so the default action (end the process) is
+/// right for it; `tidevm run` keeps SIGPIPE ignored, since its console and API write to
+/// sockets a client may close.
+fn restore_default_sigpipe() {
+    // SAFETY: `signal` with SIG_DFL installs no handler code; it runs before `ctl` starts any
+    // thread, and nothing in this process relies on SIGPIPE being ignored afterwards.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
