@@ -786,6 +786,9 @@ pub fn parse_byte_size(text: &str) -> Option<u64> {
     number.checked_mul(1u64 << shift)
 }
 
+/// How much of a bad size string an error repeats.
+const SHOWN_BAD_SIZE_CHARS: usize = 40;
+
 fn deserialize_byte_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
     struct ByteSizeVisitor;
 
@@ -805,8 +808,17 @@ fn deserialize_byte_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u
         }
 
         fn visit_str<E: de::Error>(self, value: &str) -> Result<u64, E> {
-            parse_byte_size(value)
-                .ok_or_else(|| E::invalid_value(de::Unexpected::Str(value), &self))
+            parse_byte_size(value).ok_or_else(|| {
+                // A client's bad size is named in the answer, but only its start: a body of
+                // megabytes must not come back whole.
+                let shown: String = value.chars().take(SHOWN_BAD_SIZE_CHARS).collect();
+                let shown = if shown.len() < value.len() {
+                    format!("{shown}...")
+                } else {
+                    shown
+                };
+                E::invalid_value(de::Unexpected::Str(&shown), &self)
+            })
         }
     }
 
@@ -854,6 +866,25 @@ mod tests {
         assert!(parse(r#"{"requested_size": null}"#).is_err());
         assert!(parse(r#"{}"#).is_err());
         assert!(parse(r#"{"requested_size": 1, "extra": 2}"#).is_err());
+    }
+
+    #[test]
+    fn a_bad_size_is_named_but_not_echoed_whole() {
+        let parse = |json: &str| serde_json::from_str::<ResizeVirtioMemBody>(json);
+        let long = format!(r#"{{"requested_size": "{}"}}"#, "9x".repeat(30_000));
+        let message = parse(&long).unwrap_err().to_string();
+        assert!(
+            message.contains("9x9x9x") && message.contains("..."),
+            "{message}"
+        );
+        assert!(message.len() < 300, "{} bytes: {message}", message.len());
+        let short = parse(r#"{"requested_size": "lots"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            short.contains("\"lots\"") && !short.contains("..."),
+            "{short}"
+        );
     }
 
     #[test]
