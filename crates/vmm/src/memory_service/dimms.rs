@@ -5,7 +5,7 @@
 use super::{MemoryRequestError, MemoryService};
 use crate::arch::x86_64::layout::GuestRange;
 use crate::config::{format_size, DimmConfig, DIMM_ALIGN};
-use crate::devices::memory_hotplug::{DimmSlot, SlotState};
+use crate::devices::memory_hotplug::{DimmSlot, Ost, SlotState};
 use crate::memory::placement::place_dimm;
 use crate::memory::Backing;
 
@@ -52,8 +52,8 @@ pub struct DimmStatus {
     pub resident_bytes: u64,
     /// The guest's last `_OST`.
     pub last_ost: Option<OstStatus>,
-    /// Why the last removal did not happen.
-    pub removal_refused: Option<String>,
+    /// The guest's `_OST` refusal of the last removal, if it refused.
+    pub removal_refused: Option<OstStatus>,
 }
 
 /// The slots and their DIMMs.
@@ -109,6 +109,14 @@ pub(super) fn check_dimm_fits(
             maxmem,
             plugged: plugged_total,
         }),
+    }
+}
+
+fn ost_status(ost: Ost) -> OstStatus {
+    OstStatus {
+        event: ost.event,
+        status: ost.status,
+        meaning: ost.meaning(),
     }
 }
 
@@ -274,12 +282,8 @@ impl MemoryService {
                         .regions
                         .get(&d.slot)
                         .map_or(0, |r| self.manager.resident_bytes(*r)),
-                    last_ost: slot.last_ost.map(|ost| OstStatus {
-                        event: ost.event,
-                        status: ost.status,
-                        meaning: ost.meaning(),
-                    }),
-                    removal_refused: slot.removal_refused.map(|ost| ost.meaning()),
+                    last_ost: slot.last_ost.map(ost_status),
+                    removal_refused: slot.removal_refused.map(ost_status),
                 }
             })
             .collect();

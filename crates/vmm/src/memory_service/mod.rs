@@ -166,6 +166,9 @@ pub struct MemoryService {
     events: Arc<EventBus>,
     progress: progress::Progress,
     autopilot: Option<autopilot_run::Running>,
+    /// The total of the last plan carried out (`PUT /vm/memory`, the autopilot), to tell a
+    /// partial result from a finished one.
+    memory_target: Option<u64>,
 }
 
 impl std::fmt::Debug for MemoryService {
@@ -211,6 +214,7 @@ impl MemoryService {
             settings,
             events,
             progress: progress::Progress::default(),
+            memory_target: None,
         }
     }
 
@@ -343,7 +347,7 @@ impl MemoryService {
     pub fn tick(&mut self, now: Instant) -> Tick {
         let stats = self.tick_balloon(now);
         let autopilot = self.tick_autopilot(now);
-        let in_flight = self.report_progress();
+        let in_flight = self.report_progress(now);
         let next_in = [
             stats.next_in,
             autopilot,

@@ -16,7 +16,7 @@ use tidevm_api::{
 use crate::arch::x86_64::layout::GuestRange;
 use crate::config::VmConfig;
 use crate::config::HUGETLBFS_PAGE_SIZE;
-use crate::memory::planner::PlanStep;
+use crate::memory::planner::{DimmPhase, PlanStep};
 use crate::memory::Backing;
 use crate::memory::ResidentSplit;
 use crate::memory_service::autopilot::PolicyConfig;
@@ -99,7 +99,7 @@ fn dimm_info(d: DimmStatus) -> DimmInfo {
             status: o.status,
             meaning: o.meaning,
         }),
-        removal_refused: d.removal_refused,
+        removal_refused: d.removal_refused.map(|o| o.meaning),
     }
 }
 
@@ -183,6 +183,11 @@ fn memory_status(memory: &MemoryService) -> Result<MemoryStatus, ApiError> {
                 id: d.id.clone(),
                 size: d.size,
                 node: d.node,
+                state: match d.phase {
+                    DimmPhase::Inserting => ApiDimmState::Inserting,
+                    DimmPhase::Active => ApiDimmState::Active,
+                    DimmPhase::Ejecting => ApiDimmState::Removing,
+                },
             })
             .collect(),
         balloon: state.balloon.as_ref().map(|b| MemoryBalloon {
@@ -204,6 +209,8 @@ fn memory_status(memory: &MemoryService) -> Result<MemoryStatus, ApiError> {
             .collect(),
         min_bytes,
         max_bytes,
+        target_total_bytes: memory.memory_target(),
+        shortfalls: memory.shortfalls(),
     })
 }
 
@@ -227,6 +234,8 @@ fn set_memory(
                 PlanStep::SetBalloon { target } => MemoryStep::SetBalloon {
                     target_size: target,
                 },
+                PlanStep::AddDimm { id, size, node } => MemoryStep::AddDimm { id, size, node },
+                PlanStep::EjectDimm { id, size } => MemoryStep::EjectDimm { id, size },
             })
             .collect(),
     }))
