@@ -548,6 +548,9 @@ fn memory_settled(memory: &tidevm_api::MemoryStatus) -> bool {
             .all(|d| d.state == DimmState::Active || refused_insert(&d.id))
 }
 
+/// How long `--wait` gives the VMM to say why the guest settled short of a plan's total.
+const SHORTFALL_GRACE: Duration = Duration::from_secs(2);
+
 /// Polls `/vm/memory` until every virtio-mem device has plugged what is requested, every
 /// DIMM is in or out, and the balloon's actual size (the guest's claim) reached its target.
 /// Returns 0 when the plan's total was reached; 2, with the reasons, when the guest settled
@@ -555,6 +558,7 @@ fn memory_settled(memory: &tidevm_api::MemoryStatus) -> bool {
 fn wait_for_memory(client: &ApiClient, started: Instant, timeout: Duration) -> anyhow::Result<u8> {
     let mut last = String::new();
     let mut told = Vec::new();
+    let mut short_since: Option<Instant> = None;
     loop {
         let memory = client.memory()?;
         let progress = memory_progress(&memory);
@@ -578,7 +582,17 @@ fn wait_for_memory(client: &ApiClient, started: Instant, timeout: Duration) -> a
         let target = memory.target_total_bytes;
         if memory_settled(&memory) {
             let reached = memory.actual_total_bytes;
-            if target.is_some_and(|t| t != reached) || !reasons.is_empty() {
+            // Shortfalls explain a total short of the target; one left from an earlier
+            // request (a DIMM whose eject was refused and is kept now) does not make it so.
+            let short = target.is_some_and(|t| t != reached);
+            // The VMM records why on its next look at the devices (every 0.5 s): give it
+            // that long before saying nobody knows.
+            let settled_at = *short_since.get_or_insert_with(Instant::now);
+            if short && reasons.is_empty() && settled_at.elapsed() < SHORTFALL_GRACE {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            if short {
                 eprintln!(
                     "tidevm: error: the guest settled at {} MiB of the requested {} MiB: {}",
                     reached >> 20,
@@ -598,6 +612,7 @@ fn wait_for_memory(client: &ApiClient, started: Instant, timeout: Duration) -> a
             );
             return Ok(0);
         }
+        short_since = None;
         if started.elapsed() >= timeout {
             eprintln!(
                 "tidevm: error: the guest did not reach the requested memory within {} s: {}{}",

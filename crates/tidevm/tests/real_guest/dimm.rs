@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tidevm_api::{DimmInfo, DimmState, MemoryStatus, VmInfo};
+use tidevm_api::{DimmInfo, DimmState, MemoryStatus, ResizeShortfall, VmInfo};
 use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
 use crate::foundation::{check, mem_total_kib, memtouch, BOOT, CMD};
@@ -298,7 +298,8 @@ fn online_blocks(guest: &Guest) -> Result<u64> {
 /// Issue 11: one size for the whole guest, past what virtio-mem can plug. A 256 MiB
 /// virtio-mem device and two DIMM slots: `ctl memory 1280M --wait` fills virtio-mem and adds
 /// a 512 MiB DIMM for the rest; shrinking back to the boot size unplugs virtio-mem first and
-/// ejects the DIMM last, and the host gets the DIMM's memory back.
+/// ejects the DIMM last: refused by the guest at first (a partial result that says why),
+/// then allowed, and the host gets the DIMM's memory back.
 fn planned_past_virtio_mem(lane: &Lane) -> Result<()> {
     let guest = lane.boot_guest(&GuestOptions {
         cpus: 1,
@@ -367,14 +368,41 @@ fn planned_past_virtio_mem(lane: &Lane) -> Result<()> {
         >> 20;
     let rss_grown = guest.vmm_rss_kib()? / 1024;
 
+    // First with memory hot-remove switched off in the guest: virtio-mem unplugs, the eject
+    // is refused, and the partial result says so.
+    guest.run("echo 0 > /sys/firmware/acpi/hotplug/memory/enabled", CMD)?;
     let (rc, out) = ctl_long(&guest, "memory 512M --wait --timeout 150")?;
-    check(rc == 0, &guest, format!("memory 512M failed ({rc}): {out}"))?;
     let unplug = out.find("set_virtio_mem");
     let eject = out.find("eject_dimm");
     check(
         unplug.is_some() && eject.is_some() && unplug < eject,
         &guest,
         format!("the shrink does not unplug virtio-mem before it ejects the DIMM: {out}"),
+    )?;
+    check(
+        rc == 2 && out.contains("refused to eject") && out.contains("settled at 1024 MiB"),
+        &guest,
+        format!("a refused eject was not reported as a partial result ({rc}): {out}"),
+    )?;
+    eprintln!("partial: {}", out.lines().last().unwrap_or(""));
+    let status = memory_status(&guest)?;
+    check(
+        status.virtio_mem[0].plugged_size == 0
+            && status.target_total_bytes == Some(512 << 20)
+            && status.shortfalls.iter().any(|s| {
+                s.device == planned && matches!(s.cause, ResizeShortfall::EjectRefused { .. })
+            }),
+        &guest,
+        format!("GET /vm/memory after the refusal: {status:?}"),
+    )?;
+
+    guest.run("echo 1 > /sys/firmware/acpi/hotplug/memory/enabled", CMD)?;
+    let (rc, out) = ctl_long(&guest, "memory 512M --wait --timeout 150")?;
+    check(rc == 0, &guest, format!("memory 512M failed ({rc}): {out}"))?;
+    check(
+        out.contains("eject_dimm") && !out.contains("set_virtio_mem"),
+        &guest,
+        format!("the second shrink should only eject the DIMM: {out}"),
     )?;
     eprintln!("{}", out.lines().last().unwrap_or(""));
     let after = mem_total_kib(&guest)?;

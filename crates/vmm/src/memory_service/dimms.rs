@@ -215,6 +215,7 @@ impl MemoryService {
             return Err(MemoryRequestError::AlreadyEjecting(id.to_owned()));
         }
         dimms.notify_guest();
+        self.progress.forget_shortfall(super::progress::DIMM, id);
         tracing::info!("DIMM {id}: the guest is asked to eject it");
         self.publish(tidevm_api::Event::ResizeStarted {
             mechanism: super::progress::DIMM.into(),

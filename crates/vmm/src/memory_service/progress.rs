@@ -221,6 +221,12 @@ impl Progress {
     pub(super) fn plan_started(&mut self) {
         self.plan_reported = None;
     }
+
+    /// A new request for `device`: a refusal of the last one is history (and one of the new
+    /// request is news, even before a tick saw the old one go).
+    pub(super) fn forget_shortfall(&mut self, mechanism: &'static str, device: &str) {
+        self.shortfalls.remove(&(mechanism, device.to_owned()));
+    }
 }
 
 impl MemoryService {
@@ -298,7 +304,9 @@ impl MemoryService {
         if let Some(target) = self.memory_target {
             if !moving {
                 let actual = self.memory_state().actual_total();
-                let complete = actual == target && progress.shortfalls.is_empty();
+                // Shortfalls explain a total short of the target; one left from an earlier
+                // request (an eject refused, the DIMM kept since) does not make it so.
+                let complete = actual == target;
                 if progress.plan_reported != Some(complete) {
                     progress.plan_reported = Some(complete);
                     events.push(Event::MemoryPlanFinished {
