@@ -62,7 +62,7 @@ struct Movement {
 
 impl Movement {
     fn stalled(&self) -> Option<u64> {
-        (self.in_flight && self.still_for >= STALL_AFTER).then(|| self.still_for.as_secs())
+        (self.in_flight && self.still_for >= STALL_AFTER).then_some(self.still_for.as_secs())
     }
 }
 
