@@ -183,6 +183,7 @@ impl MemoryService {
         dimms.regions.insert(slot, region);
         dimms.controller().insert(slot, range, node, false);
         dimms.notify_guest();
+        self.forget_memory_target();
         self.settings.dimms.push(DimmConfig {
             id: id.clone(),
             slot,
@@ -216,6 +217,7 @@ impl MemoryService {
         }
         dimms.notify_guest();
         self.progress.forget_shortfall(super::progress::DIMM, id);
+        self.forget_memory_target();
         tracing::info!("DIMM {id}: the guest is asked to eject it");
         self.publish(tidevm_api::Event::ResizeStarted {
             mechanism: super::progress::DIMM.into(),

@@ -218,6 +218,13 @@ impl MemoryService {
         }
     }
 
+    /// A device was asked directly (`PUT /vm/balloon`, `/vm/virtio-mem/{id}`, `/vm/dimms`,
+    /// Cloud Hypervisor's `desired_balloon`, or a plan's own step): the last plan's total is
+    /// no longer what the guest is asked for. `set_memory` sets it again after its steps.
+    fn forget_memory_target(&mut self) {
+        self.memory_target = None;
+    }
+
     /// Publishes `event` on the event stream.
     fn publish(&self, event: Event) {
         self.events.publish(event);
@@ -269,6 +276,7 @@ impl MemoryService {
             })?;
         transport.raise(signal, 0);
         drop(transport);
+        self.forget_memory_target();
         // Remembered for the next boot: after a reboot the guest plugs back up to it.
         self.settings.virtio_mem[index].requested = bytes;
         tracing::info!("virtio-mem {id}: requested size now {bytes} bytes");
@@ -307,6 +315,7 @@ impl MemoryService {
         let signal = transport.device_mut().set_target(bytes)?;
         transport.raise(signal, 0);
         drop(transport);
+        self.forget_memory_target();
         if let Some(balloon) = self.settings.balloon.as_mut() {
             balloon.size = bytes;
         }
