@@ -149,6 +149,8 @@ fn sample_memory() -> MemoryStatus {
         }],
         min_bytes: 0,
         max_bytes: 5 << 30,
+        target_total_bytes: None,
+        shortfalls: vec![],
     }
 }
 

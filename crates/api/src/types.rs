@@ -124,6 +124,9 @@ pub struct MemoryDimm {
     pub size: u64,
     /// Guest NUMA node.
     pub node: u32,
+    /// Where it is in its life (an inserting DIMM is asked for but not yet in the guest's
+    /// total; a removing one is still in it but no longer asked for).
+    pub state: DimmState,
 }
 
 /// The balloon in [`MemoryStatus`].
@@ -170,10 +173,133 @@ pub struct MemoryStatus {
     pub actual_total_bytes: u64,
     /// Requested memory per NUMA node.
     pub nodes: Vec<NodeMemory>,
-    /// Smallest total `PUT /vm/memory` can reach.
+    /// Smallest total `PUT /vm/memory` can reach (with the DIMMs ejected).
     pub min_bytes: u64,
-    /// Largest total `PUT /vm/memory` can reach.
+    /// Largest total `PUT /vm/memory` can reach (with what free DIMM slots can add under
+    /// maxmem).
     pub max_bytes: u64,
+    /// The total of the last plan (`PUT /vm/memory`, `vm.resize` or the autopilot), if one
+    /// was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_total_bytes: Option<u64>,
+    /// Resizes that stopped short of their target, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shortfalls: Vec<MemoryShortfall>,
+}
+
+/// A resize that stopped short, in [`MemoryStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryShortfall {
+    /// The mechanism (`virtio-mem`, `balloon`, `dimm`).
+    pub mechanism: String,
+    /// The device.
+    pub device: String,
+    /// Why.
+    pub cause: ResizeShortfall,
+}
+
+/// Why a resize stopped short of its target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ResizeShortfall {
+    /// The guest stopped unplugging virtio-mem memory: what it still has plugged beyond the
+    /// request holds pages it cannot offline (unmovable kernel allocations, pinned pages).
+    /// Linux tries again by itself, with a back-off.
+    UnplugStalled {
+        /// Bytes plugged.
+        plugged_bytes: u64,
+        /// Bytes requested.
+        requested_bytes: u64,
+        /// Seconds without progress.
+        stalled_seconds: u64,
+    },
+    /// The guest stopped plugging virtio-mem memory short of the request (driver not
+    /// loaded, or memory it cannot online).
+    PlugStalled {
+        /// Bytes plugged.
+        plugged_bytes: u64,
+        /// Bytes requested.
+        requested_bytes: u64,
+        /// Seconds without progress.
+        stalled_seconds: u64,
+    },
+    /// The host could not back memory the guest asked to plug (the device answered BUSY).
+    HostBusy {
+        /// The host's error.
+        message: String,
+    },
+    /// The balloon stopped moving short of its target.
+    BalloonStalled {
+        /// Bytes the guest says it has given back.
+        actual_bytes: u64,
+        /// Bytes asked for.
+        target_bytes: u64,
+        /// Seconds without progress.
+        stalled_seconds: u64,
+    },
+    /// The guest refused to eject a DIMM (its `_OST` answer); the DIMM stays, usable.
+    EjectRefused {
+        /// The ACPI event answered.
+        ost_event: u32,
+        /// The `_OST` status code.
+        ost_status: u32,
+        /// Both, in words.
+        meaning: String,
+    },
+    /// The guest did not take a DIMM in (an `_OST` failure for the device check).
+    InsertRefused {
+        /// The `_OST` status code.
+        ost_status: u32,
+        /// Its meaning.
+        meaning: String,
+    },
+}
+
+impl fmt::Display for ResizeShortfall {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MIB: u64 = 1 << 20;
+        match self {
+            ResizeShortfall::UnplugStalled {
+                plugged_bytes,
+                requested_bytes,
+                stalled_seconds,
+            } => write!(
+                f,
+                "the guest stopped unplugging at {} MiB of the requested {} MiB {stalled_seconds} s                  ago: the rest holds memory it cannot offline (unmovable pages)",
+                plugged_bytes / MIB,
+                requested_bytes / MIB
+            ),
+            ResizeShortfall::PlugStalled {
+                plugged_bytes,
+                requested_bytes,
+                stalled_seconds,
+            } => write!(
+                f,
+                "the guest stopped plugging at {} MiB of the requested {} MiB {stalled_seconds} s                  ago (driver not loaded, or memory it cannot online)",
+                plugged_bytes / MIB,
+                requested_bytes / MIB
+            ),
+            ResizeShortfall::HostBusy { message } => {
+                write!(f, "the host could not back the memory (BUSY): {message}")
+            }
+            ResizeShortfall::BalloonStalled {
+                actual_bytes,
+                target_bytes,
+                stalled_seconds,
+            } => write!(
+                f,
+                "the balloon stopped at {} MiB of its {} MiB target {stalled_seconds} s ago",
+                actual_bytes / MIB,
+                target_bytes / MIB
+            ),
+            ResizeShortfall::EjectRefused { meaning, .. } => {
+                write!(f, "the guest refused to eject the DIMM: {meaning}")
+            }
+            ResizeShortfall::InsertRefused { meaning, .. } => {
+                write!(f, "the guest did not take the DIMM in: {meaning}")
+            }
+        }
+    }
 }
 
 /// One step of a memory plan.
@@ -191,6 +317,22 @@ pub enum MemoryStep {
     SetBalloon {
         /// New target in bytes.
         target_size: u64,
+    },
+    /// A DIMM was added (where virtio-mem had no room).
+    AddDimm {
+        /// DIMM id.
+        id: String,
+        /// Size in bytes.
+        size: u64,
+        /// Guest NUMA node.
+        node: u32,
+    },
+    /// The guest was asked to eject a DIMM (after the other shrinking steps).
+    EjectDimm {
+        /// DIMM id.
+        id: String,
+        /// Size in bytes.
+        size: u64,
     },
 }
 
@@ -705,14 +847,17 @@ pub enum Event {
         /// The size reached, in bytes.
         bytes: u64,
     },
-    /// A resize could not complete (the guest answered BUSY, refused an eject, ...).
+    /// A resize stopped short (the guest stopped unplugging, refused an eject, the host
+    /// answered BUSY, ...). Published once per cause; the resize may still go on later.
     ResizeFailed {
         /// The mechanism.
         mechanism: String,
         /// The device.
         device: String,
-        /// Why.
+        /// Why, in words.
         reason: String,
+        /// Why, typed.
+        cause: ResizeShortfall,
     },
     /// `PUT /vm/memory` planned a total: its steps follow as `resize_started` events.
     MemoryPlanned {
@@ -720,6 +865,19 @@ pub enum Event {
         target_total_bytes: u64,
         /// The steps, in words.
         steps: Vec<String>,
+    },
+    /// Everything a plan asked for has arrived, or what has not stopped short: the total
+    /// reached, and why it is short of the target when it is. Published again if the
+    /// outcome changes (a stalled unplug that goes on after all).
+    MemoryPlanFinished {
+        /// The plan's total, in bytes.
+        target_total_bytes: u64,
+        /// What the guest has, in bytes.
+        actual_total_bytes: u64,
+        /// Whether the target was reached.
+        complete: bool,
+        /// What stopped short, and why.
+        shortfalls: Vec<MemoryShortfall>,
     },
     /// The guest answered an ACPI event about a DIMM slot (`_OST`).
     Ost {

@@ -477,8 +477,8 @@ fn wait_for_plugged(
     }
 }
 
-/// Where a memory resize is: each virtio-mem device's plugged and requested sizes and the
-/// balloon's actual and target, in MiB.
+/// Where a memory resize is: each virtio-mem device's plugged and requested sizes, each
+/// DIMM's state and the balloon's actual and target, in MiB.
 fn memory_progress(memory: &tidevm_api::MemoryStatus) -> String {
     let mut parts: Vec<String> = memory
         .virtio_mem
@@ -492,6 +492,14 @@ fn memory_progress(memory: &tidevm_api::MemoryStatus) -> String {
             )
         })
         .collect();
+    parts.extend(memory.dimms.iter().map(|d| {
+        let state = match d.state {
+            DimmState::Inserting => "inserting",
+            DimmState::Active => "active",
+            DimmState::Removing => "ejecting",
+        };
+        format!("{} {} MiB {state}", d.id, d.size >> 20)
+    }));
     if let Some(balloon) = &memory.balloon {
         parts.push(format!(
             "balloon {}/{} MiB",
@@ -499,19 +507,58 @@ fn memory_progress(memory: &tidevm_api::MemoryStatus) -> String {
             balloon.target_bytes >> 20
         ));
     }
+    let target = memory
+        .target_total_bytes
+        .unwrap_or(memory.requested_total_bytes);
     format!(
         "total {} of {} MiB ({})",
         memory.actual_total_bytes >> 20,
-        memory.requested_total_bytes >> 20,
+        target >> 20,
         parts.join(", ")
     )
 }
 
-/// Polls `/vm/memory` until every virtio-mem device has plugged what is requested and the
-/// balloon's actual size (the guest's claim) reached its target; returns 0 then, 2 (with
-/// where it stopped) when the guest does not get there in time.
+/// Each shortfall as one line: `mechanism device: why`.
+fn shortfall_lines(memory: &tidevm_api::MemoryStatus) -> Vec<String> {
+    memory
+        .shortfalls
+        .iter()
+        .map(|s| format!("{} {}: {}", s.mechanism, s.device, s.cause))
+        .collect()
+}
+
+/// Whether every device has arrived where it was asked to be, or stopped for good (a DIMM
+/// the guest would not take in stays inserting).
+fn memory_settled(memory: &tidevm_api::MemoryStatus) -> bool {
+    let refused_insert = |id: &str| {
+        memory.shortfalls.iter().any(|s| {
+            s.device == id && matches!(s.cause, tidevm_api::ResizeShortfall::InsertRefused { .. })
+        })
+    };
+    memory
+        .virtio_mem
+        .iter()
+        .all(|d| d.plugged_size == d.requested_size)
+        && memory
+            .balloon
+            .is_none_or(|b| b.actual_bytes == b.target_bytes)
+        && memory
+            .dimms
+            .iter()
+            .all(|d| d.state == DimmState::Active || refused_insert(&d.id))
+}
+
+/// How long `--wait` gives the VMM to say why the guest settled short of a plan's total.
+const SHORTFALL_GRACE: Duration = Duration::from_secs(2);
+
+/// Polls `/vm/memory` until every virtio-mem device has plugged what is requested, every
+/// DIMM is in or out, and the balloon's actual size (the guest's claim) reached its target.
+/// Returns 0 when the plan's total was reached; 2, with the reasons, when the guest settled
+/// short of it (an eject refused) or did not get there in time (an unplug stalled, ...).
 fn wait_for_memory(client: &ApiClient, started: Instant, timeout: Duration) -> anyhow::Result<u8> {
     let mut last = String::new();
+    let mut told = Vec::new();
+    let mut short_since: Option<Instant> = None;
     loop {
         let memory = client.memory()?;
         let progress = memory_progress(&memory);
@@ -519,27 +566,63 @@ fn wait_for_memory(client: &ApiClient, started: Instant, timeout: Duration) -> a
             eprintln!("{progress} ({:.1} s)", started.elapsed().as_secs_f64());
             last = progress;
         }
-        let plugged = memory
-            .virtio_mem
-            .iter()
-            .all(|d| d.plugged_size == d.requested_size);
-        let ballooned = memory
-            .balloon
-            .is_none_or(|b| b.actual_bytes == b.target_bytes);
-        if plugged && ballooned {
+        let reasons = shortfall_lines(&memory);
+        // Each cause once per device; a stall's seconds change at every look.
+        for (shortfall, line) in memory.shortfalls.iter().zip(&reasons) {
+            let key = (
+                shortfall.mechanism.clone(),
+                shortfall.device.clone(),
+                std::mem::discriminant(&shortfall.cause),
+            );
+            if !told.contains(&key) {
+                eprintln!("  short: {line}");
+                told.push(key);
+            }
+        }
+        let target = memory.target_total_bytes;
+        if memory_settled(&memory) {
+            let reached = memory.actual_total_bytes;
+            // Shortfalls explain a total short of the target; one left from an earlier
+            // request (a DIMM whose eject was refused and is kept now) does not make it so.
+            let short = target.is_some_and(|t| t != reached);
+            // The VMM records why on its next look at the devices (every 0.5 s): give it
+            // that long before saying nobody knows.
+            let settled_at = *short_since.get_or_insert_with(Instant::now);
+            if short && reasons.is_empty() && settled_at.elapsed() < SHORTFALL_GRACE {
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            if short {
+                eprintln!(
+                    "tidevm: error: the guest settled at {} MiB of the requested {} MiB: {}",
+                    reached >> 20,
+                    target.unwrap_or(memory.requested_total_bytes) >> 20,
+                    if reasons.is_empty() {
+                        "no device reported why".to_owned()
+                    } else {
+                        reasons.join("; ")
+                    }
+                );
+                return Ok(2);
+            }
             println!(
                 "memory: {} MiB after {:.2} s",
-                memory.actual_total_bytes >> 20,
+                reached >> 20,
                 started.elapsed().as_secs_f64()
             );
             return Ok(0);
         }
+        short_since = None;
         if started.elapsed() >= timeout {
             eprintln!(
-                "tidevm: error: the guest did not reach the requested memory within {} s: {} \
-                 (see `tidevm ctl info` for a virtio-mem device's last busy reason)",
+                "tidevm: error: the guest did not reach the requested memory within {} s: {}{}",
                 timeout.as_secs(),
-                last
+                last,
+                if reasons.is_empty() {
+                    " (see `tidevm ctl info` for a virtio-mem device's last busy reason)".to_owned()
+                } else {
+                    format!("; {}", reasons.join("; "))
+                }
             );
             return Ok(2);
         }

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use tidevm_api::{DimmInfo, DimmState, VmInfo};
+use tidevm_api::{DimmInfo, DimmState, MemoryStatus, ResizeShortfall, VmInfo};
 use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
 use crate::foundation::{check, mem_total_kib, memtouch, BOOT, CMD};
@@ -15,6 +15,7 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
         "dimm_numa_reboot_and_refused_eject",
         reboot_and_refused_eject,
     ),
+    ("dimm_planned_past_virtio_mem", planned_past_virtio_mem),
 ];
 
 const GIB_KIB: u64 = 1024 * 1024;
@@ -273,6 +274,165 @@ fn reboot_and_refused_eject(lane: &Lane) -> Result<()> {
         mem_total_kib(&guest)? == before,
         &guest,
         "MemTotal not back to boot size after the eject",
+    )?;
+    finish(&guest)
+}
+
+fn memory_status(guest: &Guest) -> Result<MemoryStatus> {
+    let (rc, out) = guest.ctl(&["memory"])?;
+    check(rc == 0, guest, format!("ctl memory failed: {out}"))?;
+    serde_json::from_str(&out).map_err(|e| guest.failure(format!("bad memory JSON ({e}): {out}")))
+}
+
+fn online_blocks(guest: &Guest) -> Result<u64> {
+    let online = guest.run(
+        "cat /sys/devices/system/memory/memory*/state | grep -c online",
+        CMD,
+    )?;
+    online
+        .trim()
+        .parse()
+        .map_err(|e| guest.failure(format!("online blocks {online:?}: {e}")))
+}
+
+/// Issue 11: one size for the whole guest, past what virtio-mem can plug. A 256 MiB
+/// virtio-mem device and two DIMM slots: `ctl memory 1280M --wait` fills virtio-mem and adds
+/// a 512 MiB DIMM for the rest; shrinking back to the boot size unplugs virtio-mem first and
+/// ejects the DIMM last: refused by the guest at first (a partial result that says why),
+/// then allowed, and the host gets the DIMM's memory back.
+fn planned_past_virtio_mem(lane: &Lane) -> Result<()> {
+    let guest = lane.boot_guest(&GuestOptions {
+        cpus: 1,
+        memory: "512M,slots=2,maxmem=2G".into(),
+        extra_args: vec!["--virtio-mem".into(), "id=mem0,size=256M".into()],
+        ..GuestOptions::default()
+    })?;
+    guest.wait_ready(BOOT)?;
+    let status = memory_status(&guest)?;
+    // 512 MiB boot + 256 MiB virtio-mem + a DIMM of all maxmem leaves (1.5 GiB).
+    check(
+        status.max_bytes == (512 + 256 + 1536) << 20,
+        &guest,
+        format!(
+            "GET /vm/memory max_bytes {} leaves out the DIMM slots",
+            status.max_bytes
+        ),
+    )?;
+    let before = mem_total_kib(&guest)?;
+    let blocks_before = online_blocks(&guest)?;
+
+    let (rc, out) = ctl_long(&guest, "memory 1280M --wait --timeout 150")?;
+    check(
+        rc == 0,
+        &guest,
+        format!("memory 1280M failed ({rc}): {out}"),
+    )?;
+    check(
+        out.contains("set_virtio_mem") && out.contains("add_dimm"),
+        &guest,
+        format!("the plan to 1280M is not virtio-mem then a DIMM: {out}"),
+    )?;
+    eprintln!("{}", out.lines().last().unwrap_or(""));
+    let grown = wait_mem_total(&guest, before + 768 * 1024)?;
+    check(
+        grown - before == 768 * 1024,
+        &guest,
+        format!("MemTotal grew by {} KiB, not 768 MiB", grown - before),
+    )?;
+    let blocks = online_blocks(&guest)?;
+    check(
+        blocks - blocks_before == 6,
+        &guest,
+        format!(
+            "{blocks_before} -> {blocks} online memory blocks, not 6 more (2 virtio-mem, 4 DIMM)"
+        ),
+    )?;
+    let status = memory_status(&guest)?;
+    let planned = status.dimms.first().cloned();
+    check(
+        status.dimms.len() == 1
+            && planned
+                .as_ref()
+                .is_some_and(|d| d.size == 512 << 20 && d.state == DimmState::Active)
+            && status.virtio_mem[0].plugged_size == 256 << 20,
+        &guest,
+        format!("after the plan: {status:?}"),
+    )?;
+    let planned = planned.map(|d| d.id).unwrap_or_default();
+
+    // Most of this lands beyond the 512 MiB boot RAM: on virtio-mem and the DIMM.
+    memtouch(&guest, 640, Duration::from_secs(300), "pattern check")?;
+    let dimm_resident_mib = dimm(&guest, &planned)?
+        .ok_or_else(|| guest.failure("the planned DIMM is not listed"))?
+        .resident_bytes
+        >> 20;
+    let rss_grown = guest.vmm_rss_kib()? / 1024;
+
+    // First with memory hot-remove switched off in the guest: virtio-mem unplugs, the eject
+    // is refused, and the partial result says so.
+    guest.run("echo 0 > /sys/firmware/acpi/hotplug/memory/enabled", CMD)?;
+    let (rc, out) = ctl_long(&guest, "memory 512M --wait --timeout 150")?;
+    let unplug = out.find("set_virtio_mem");
+    let eject = out.find("eject_dimm");
+    check(
+        unplug.is_some() && eject.is_some() && unplug < eject,
+        &guest,
+        format!("the shrink does not unplug virtio-mem before it ejects the DIMM: {out}"),
+    )?;
+    check(
+        rc == 2 && out.contains("refused to eject") && out.contains("settled at 1024 MiB"),
+        &guest,
+        format!("a refused eject was not reported as a partial result ({rc}): {out}"),
+    )?;
+    eprintln!("partial: {}", out.lines().last().unwrap_or(""));
+    let status = memory_status(&guest)?;
+    check(
+        status.virtio_mem[0].plugged_size == 0
+            && status.target_total_bytes == Some(512 << 20)
+            && status.shortfalls.iter().any(|s| {
+                s.device == planned && matches!(s.cause, ResizeShortfall::EjectRefused { .. })
+            }),
+        &guest,
+        format!("GET /vm/memory after the refusal: {status:?}"),
+    )?;
+
+    guest.run("echo 1 > /sys/firmware/acpi/hotplug/memory/enabled", CMD)?;
+    let (rc, out) = ctl_long(&guest, "memory 512M --wait --timeout 150")?;
+    check(rc == 0, &guest, format!("memory 512M failed ({rc}): {out}"))?;
+    check(
+        out.contains("eject_dimm") && !out.contains("set_virtio_mem"),
+        &guest,
+        format!("the second shrink should only eject the DIMM: {out}"),
+    )?;
+    eprintln!("{}", out.lines().last().unwrap_or(""));
+    let after = mem_total_kib(&guest)?;
+    check(
+        after == before,
+        &guest,
+        format!("MemTotal {after} KiB after the shrink, not the boot {before} KiB"),
+    )?;
+    check(
+        online_blocks(&guest)? == blocks_before,
+        &guest,
+        "online memory blocks not back to the boot count",
+    )?;
+    let status = memory_status(&guest)?;
+    check(
+        status.dimms.is_empty() && status.virtio_mem[0].plugged_size == 0,
+        &guest,
+        format!("after the shrink: {status:?}"),
+    )?;
+    let rss_after = guest.vmm_rss_kib()? / 1024;
+    eprintln!(
+        "tidevm RSS {rss_grown} -> {rss_after} MiB after the shrink (the DIMM held {dimm_resident_mib} MiB)"
+    );
+    check(
+        rss_grown.saturating_sub(rss_after) >= dimm_resident_mib * 8 / 10,
+        &guest,
+        format!(
+            "RSS fell by {} MiB, less than 80% of the {dimm_resident_mib} MiB the DIMM held",
+            rss_grown.saturating_sub(rss_after)
+        ),
     )?;
     finish(&guest)
 }

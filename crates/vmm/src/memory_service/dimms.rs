@@ -5,7 +5,7 @@
 use super::{MemoryRequestError, MemoryService};
 use crate::arch::x86_64::layout::GuestRange;
 use crate::config::{format_size, DimmConfig, DIMM_ALIGN};
-use crate::devices::memory_hotplug::{DimmSlot, SlotState};
+use crate::devices::memory_hotplug::{DimmSlot, Ost, SlotState};
 use crate::memory::placement::place_dimm;
 use crate::memory::Backing;
 
@@ -52,8 +52,8 @@ pub struct DimmStatus {
     pub resident_bytes: u64,
     /// The guest's last `_OST`.
     pub last_ost: Option<OstStatus>,
-    /// Why the last removal did not happen.
-    pub removal_refused: Option<String>,
+    /// The guest's `_OST` refusal of the last removal, if it refused.
+    pub removal_refused: Option<OstStatus>,
 }
 
 /// The slots and their DIMMs.
@@ -109,6 +109,14 @@ pub(super) fn check_dimm_fits(
             maxmem,
             plugged: plugged_total,
         }),
+    }
+}
+
+fn ost_status(ost: Ost) -> OstStatus {
+    OstStatus {
+        event: ost.event,
+        status: ost.status,
+        meaning: ost.meaning(),
     }
 }
 
@@ -175,6 +183,7 @@ impl MemoryService {
         dimms.regions.insert(slot, region);
         dimms.controller().insert(slot, range, node, false);
         dimms.notify_guest();
+        self.forget_memory_target();
         self.settings.dimms.push(DimmConfig {
             id: id.clone(),
             slot,
@@ -207,6 +216,8 @@ impl MemoryService {
             return Err(MemoryRequestError::AlreadyEjecting(id.to_owned()));
         }
         dimms.notify_guest();
+        self.progress.forget_shortfall(super::progress::DIMM, id);
+        self.forget_memory_target();
         tracing::info!("DIMM {id}: the guest is asked to eject it");
         self.publish(tidevm_api::Event::ResizeStarted {
             mechanism: super::progress::DIMM.into(),
@@ -274,12 +285,8 @@ impl MemoryService {
                         .regions
                         .get(&d.slot)
                         .map_or(0, |r| self.manager.resident_bytes(*r)),
-                    last_ost: slot.last_ost.map(|ost| OstStatus {
-                        event: ost.event,
-                        status: ost.status,
-                        meaning: ost.meaning(),
-                    }),
-                    removal_refused: slot.removal_refused.map(|ost| ost.meaning()),
+                    last_ost: slot.last_ost.map(ost_status),
+                    removal_refused: slot.removal_refused.map(ost_status),
                 }
             })
             .collect();

@@ -157,7 +157,13 @@ impl MemoryRequestError {
                 RequestErrorKind::Conflict
             }
             E::HostMemory { .. } => RequestErrorKind::Unavailable,
-            E::NoDimmController | E::PlanStep { .. } => RequestErrorKind::Internal,
+            // A plan's DIMM can fail for the host's reasons (no memory for it, no contiguous
+            // room left in the DIMM area): those keep their kind; the rest is the VMM's fault.
+            E::PlanStep { source, .. } => match source.kind() {
+                kind @ (RequestErrorKind::Unavailable | RequestErrorKind::Conflict) => kind,
+                _ => RequestErrorKind::Internal,
+            },
+            E::NoDimmController => RequestErrorKind::Internal,
         }
     }
 }

@@ -166,6 +166,9 @@ pub struct MemoryService {
     events: Arc<EventBus>,
     progress: progress::Progress,
     autopilot: Option<autopilot_run::Running>,
+    /// The total of the last plan carried out (`PUT /vm/memory`, the autopilot), to tell a
+    /// partial result from a finished one.
+    memory_target: Option<u64>,
 }
 
 impl std::fmt::Debug for MemoryService {
@@ -211,7 +214,15 @@ impl MemoryService {
             settings,
             events,
             progress: progress::Progress::default(),
+            memory_target: None,
         }
+    }
+
+    /// A device was asked directly (`PUT /vm/balloon`, `/vm/virtio-mem/{id}`, `/vm/dimms`,
+    /// Cloud Hypervisor's `desired_balloon`, or a plan's own step): the last plan's total is
+    /// no longer what the guest is asked for. `set_memory` sets it again after its steps.
+    fn forget_memory_target(&mut self) {
+        self.memory_target = None;
     }
 
     /// Publishes `event` on the event stream.
@@ -265,6 +276,7 @@ impl MemoryService {
             })?;
         transport.raise(signal, 0);
         drop(transport);
+        self.forget_memory_target();
         // Remembered for the next boot: after a reboot the guest plugs back up to it.
         self.settings.virtio_mem[index].requested = bytes;
         tracing::info!("virtio-mem {id}: requested size now {bytes} bytes");
@@ -303,6 +315,7 @@ impl MemoryService {
         let signal = transport.device_mut().set_target(bytes)?;
         transport.raise(signal, 0);
         drop(transport);
+        self.forget_memory_target();
         if let Some(balloon) = self.settings.balloon.as_mut() {
             balloon.size = bytes;
         }
@@ -343,7 +356,7 @@ impl MemoryService {
     pub fn tick(&mut self, now: Instant) -> Tick {
         let stats = self.tick_balloon(now);
         let autopilot = self.tick_autopilot(now);
-        let in_flight = self.report_progress();
+        let in_flight = self.report_progress(now);
         let next_in = [
             stats.next_in,
             autopilot,

@@ -16,7 +16,7 @@ use tidevm_api::{
 use crate::arch::x86_64::layout::GuestRange;
 use crate::config::VmConfig;
 use crate::config::HUGETLBFS_PAGE_SIZE;
-use crate::memory::planner::PlanStep;
+use crate::memory::planner::{DimmPhase, PlanStep};
 use crate::memory::Backing;
 use crate::memory::ResidentSplit;
 use crate::memory_service::autopilot::PolicyConfig;
@@ -99,7 +99,7 @@ fn dimm_info(d: DimmStatus) -> DimmInfo {
             status: o.status,
             meaning: o.meaning,
         }),
-        removal_refused: d.removal_refused,
+        removal_refused: d.removal_refused.map(|o| o.meaning),
     }
 }
 
@@ -183,6 +183,11 @@ fn memory_status(memory: &MemoryService) -> Result<MemoryStatus, ApiError> {
                 id: d.id.clone(),
                 size: d.size,
                 node: d.node,
+                state: match d.phase {
+                    DimmPhase::Inserting => ApiDimmState::Inserting,
+                    DimmPhase::Active => ApiDimmState::Active,
+                    DimmPhase::Ejecting => ApiDimmState::Removing,
+                },
             })
             .collect(),
         balloon: state.balloon.as_ref().map(|b| MemoryBalloon {
@@ -204,6 +209,8 @@ fn memory_status(memory: &MemoryService) -> Result<MemoryStatus, ApiError> {
             .collect(),
         min_bytes,
         max_bytes,
+        target_total_bytes: memory.memory_target(),
+        shortfalls: memory.shortfalls(),
     })
 }
 
@@ -227,6 +234,8 @@ fn set_memory(
                 PlanStep::SetBalloon { target } => MemoryStep::SetBalloon {
                     target_size: target,
                 },
+                PlanStep::AddDimm { id, size, node } => MemoryStep::AddDimm { id, size, node },
+                PlanStep::EjectDimm { id, size } => MemoryStep::EjectDimm { id, size },
             })
             .collect(),
     }))
@@ -461,5 +470,48 @@ mod tests {
             assert_eq!(api.status, status, "{error}");
             assert_eq!(api.message, error.to_string());
         }
+    }
+
+    /// `PUT /vm/memory` out of reach is a 400 whose message names the limit; a plan's DIMM
+    /// the host cannot back is a 503, not the VMM's fault.
+    #[test]
+    fn plan_refusals_are_4xx_naming_the_limit() {
+        use crate::memory::planner::{plan, DimmSlots, MemoryState};
+        const GIB: u64 = 1 << 30;
+        let state = MemoryState {
+            boot_by_node: vec![(0, GIB)],
+            dimm_slots: Some(DimmSlots {
+                free: vec![0, 1],
+                maxmem: 3 * GIB,
+            }),
+            ..Default::default()
+        };
+        for (target, names) in [
+            (4 * GIB, "maximum reachable 3221225472 bytes (every virtio-mem region fully plugged and DIMMs up to maxmem)"),
+            (GIB / 2, "minimum reachable 1073741824"),
+            (GIB + (100 << 20), "steps of 134217728 bytes (the DIMM size"),
+        ] {
+            let error = MemoryRequestError::Plan(plan(&state, target, None).unwrap_err());
+            let api = api_error(&error);
+            assert_eq!(api.status, 400, "{}", api.message);
+            assert!(api.message.contains(names), "{}", api.message);
+        }
+        let error = MemoryRequestError::Plan(plan(&state, 2 * GIB, Some(3)).unwrap_err());
+        assert_eq!(api_error(&error).status, 400);
+        assert!(api_error(&error)
+            .message
+            .contains("NUMA node 3 does not exist"));
+        let host = MemoryRequestError::PlanStep {
+            step: "AddDimm".into(),
+            done: 1,
+            source: Box::new(MemoryRequestError::NoRoom(GIB)),
+        };
+        assert_eq!(api_error(&host).status, 409);
+        let internal = MemoryRequestError::PlanStep {
+            step: "SetBalloon".into(),
+            done: 0,
+            source: Box::new(MemoryRequestError::NoBalloon),
+        };
+        assert_eq!(api_error(&internal).status, 500);
     }
 }
