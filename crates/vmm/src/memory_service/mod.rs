@@ -8,8 +8,9 @@
 //! the control loop carries into the next boot.
 //!
 //! [`autopilot`] holds the `--memory-policy` policy (a pure function from the guest's and the
-//! host's reports to a target total) and [`autopilot::Autopilot::tick`], the call a tick will
-//! make; nothing in the service calls it yet: targets need the planner that carries them out.
+//! host's reports to a target total) and [`autopilot::Autopilot::tick`]; `autopilot_run` calls
+//! it on the service's timer and hands each target to the planner (`plan`), like a
+//! `PUT /vm/memory`, so with DIMM slots configured the autopilot adds and ejects DIMMs too.
 
 pub mod autopilot;
 mod autopilot_run;
