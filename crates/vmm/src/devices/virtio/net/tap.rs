@@ -298,4 +298,29 @@ mod tests {
         let e = Tap::open(&TapName::Existing("lo".into())).unwrap_err();
         assert!(matches!(e, TapError::NotTap(_)), "{e}");
     }
+
+    /// Needs CAP_NET_ADMIN and /dev/net/tun: skipped (and says so) without them.
+    #[test]
+    fn auto_creates_a_tap_that_a_second_open_finds_busy_and_closing_removes() {
+        let tap = match Tap::open(&TapName::Auto) {
+            Ok(tap) => tap,
+            Err(e @ (TapError::Permission { .. } | TapError::OpenTun(_))) => {
+                eprintln!("SKIPPED: cannot create a TAP here: {e}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+        let name = tap.name().to_string();
+        assert!(name.starts_with("tidevm") && name.len() > 6, "{name}");
+        let sys = Path::new("/sys/class/net").join(&name);
+        assert!(sys.join("tun_flags").exists());
+        let e = Tap::open(&TapName::Existing(name.clone())).unwrap_err();
+        assert!(matches!(e, TapError::Busy(_)), "{e}");
+        // A second descriptor of the same TAP does not make it busy for itself.
+        let backend = tap.backend().unwrap();
+        drop(tap);
+        assert!(sys.exists(), "the backend's descriptor keeps the TAP");
+        drop(backend);
+        assert!(!sys.exists(), "{name} outlived its last descriptor");
+    }
 }
