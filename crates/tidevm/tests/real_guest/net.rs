@@ -24,7 +24,7 @@ const BACK_MIB: u64 = 8;
 /// Files in the lane's host (L1's /run, a tmpfs).
 const BIG: &str = "/run/tidevm-net-big.bin";
 const FROM_GUEST: &str = "/run/tidevm-net-from-guest";
-const TRANSFER: Duration = Duration::from_secs(300);
+const TRANSFER: Duration = Duration::from_secs(120);
 
 fn info(guest: &Guest) -> Result<VmInfo> {
     let (rc, out) = guest.ctl(&["info"])?;
@@ -76,13 +76,15 @@ fn host_sends(lane: &Lane, guest: &Guest, port: u16, file: &str) -> Result<()> {
 }
 
 /// A background `nc` listener on `port` that writes what it receives to `out` and then
-/// creates `out.done`. Its stdin never ends (a `sleep`, killed afterwards): busybox nc quits
-/// when the network side closes, so a listener that half-closed at once would end the
-/// sender's connection early.
+/// creates `out.done`. Its stdin is a FIFO held open by a `sleep` (killed afterwards), so it
+/// never ends: busybox nc quits when the network side closes, and a listener whose stdin
+/// ended at once would half-close and end the sender's connection early. (A pipe from the
+/// `sleep` would not do: the shell waits for every member of a pipeline.)
 fn listener(port: u16, out: &str) -> String {
     format!(
-        "( ( (sleep 600 & echo $! > {out}.pid; wait) | nc -l -p {port} > {out}; touch {out}.done; \
-         kill $(cat {out}.pid)) </dev/null >/dev/null 2>&1 &)"
+        "(rm -f {out}.fifo {out}.done; mkfifo {out}.fifo; sleep 600 > {out}.fifo & s=$!; \
+         nc -l -p {port} < {out}.fifo > {out}; touch {out}.done; kill $s; rm -f {out}.fifo) \
+         </dev/null >/dev/null 2>&1 &"
     )
 }
 
@@ -98,6 +100,30 @@ fn guest_waits_for(guest: &Guest, marker: &str, timeout: Duration) -> Result<()>
             timeout + CMD,
         )
         .map(drop)
+}
+
+/// `error` with what both ends and the device say about the network.
+fn diagnosed(
+    lane: &Lane,
+    guest: &Guest,
+    error: tidevm_testlane::LaneError,
+) -> tidevm_testlane::LaneError {
+    let in_guest = guest
+        .run_status(
+            "ls -l /tmp; cat /proc/net/dev; netstat -tn; ps | grep -v grep | grep 'nc '",
+            CMD,
+        )
+        .map_or_else(|e| e.to_string(), |(_, out)| out);
+    let in_host = lane
+        .sh(
+            "cat /proc/net/dev; netstat -tn; ps | grep -v grep | grep 'nc '; ip addr",
+            CMD,
+        )
+        .map_or_else(|e| e.to_string(), |(_, out)| out);
+    let counters = net(guest).map_or_else(|e| e.to_string(), |n| format!("{:?}", n.counters));
+    guest.failure(format!(
+        "{error}\n-- guest:\n{in_guest}\n-- lane host:\n{in_host}\n-- counters: {counters}"
+    ))
 }
 
 fn tcp_both_ways(lane: &Lane) -> Result<()> {
@@ -178,7 +204,9 @@ fn scenario(lane: &Lane, guest: &Guest) -> Result<()> {
     guest.run(&listener(7002, "/tmp/big.bin"), CMD)?;
     let started = Instant::now();
     host_sends(lane, guest, 7002, BIG)?;
-    guest_waits_for(guest, "/tmp/big.bin.done", TRANSFER)?;
+    if let Err(e) = guest_waits_for(guest, "/tmp/big.bin.done", TRANSFER) {
+        return Err(diagnosed(lane, guest, e));
+    }
     let seconds = started.elapsed().as_secs_f64();
     let received = guest.run("md5sum /tmp/big.bin && ls -l /tmp/big.bin", CMD)?;
     check(

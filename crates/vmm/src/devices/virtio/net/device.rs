@@ -346,8 +346,9 @@ impl VirtioNet {
         signal
     }
 
-    /// Sends one TX chain's frame to the backend.
-    fn transmit(
+    /// Sends one TX chain's frame to the backend (what a TX pass does with each chain; also
+    /// the fuzz target's entry).
+    pub fn process_tx_chain(
         &mut self,
         mem: &GuestMemoryMmap,
         access: &dyn GuestAccess,
@@ -415,7 +416,7 @@ impl VirtioNet {
             access,
             PASS_BUDGET,
             |access, table, head| {
-                self.transmit(guest_memory, &*access, table, head);
+                self.process_tx_chain(guest_memory, &*access, table, head);
                 Completion::Used(0)
             },
         );
