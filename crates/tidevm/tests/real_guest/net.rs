@@ -79,12 +79,13 @@ fn host_sends(lane: &Lane, guest: &Guest, port: u16, file: &str) -> Result<()> {
 /// creates `out.done`. Its stdin is a FIFO held open by a `sleep` (killed afterwards), so it
 /// never ends: busybox nc quits when the network side closes, and a listener whose stdin
 /// ended at once would half-close and end the sender's connection early. (A pipe from the
-/// `sleep` would not do: the shell waits for every member of a pipeline.)
+/// `sleep` would not do: the shell waits for every member of a pipeline.) The outer
+/// parentheses let a caller append `; ...` after the `&`.
 fn listener(port: u16, out: &str) -> String {
     format!(
-        "(rm -f {out}.fifo {out}.done; mkfifo {out}.fifo; sleep 600 > {out}.fifo & s=$!; \
+        "( (rm -f {out}.fifo {out}.done; mkfifo {out}.fifo; sleep 600 > {out}.fifo & s=$!; \
          nc -l -p {port} < {out}.fifo > {out}; touch {out}.done; kill $s; rm -f {out}.fifo) \
-         </dev/null >/dev/null 2>&1 &"
+         </dev/null >/dev/null 2>&1 & )"
     )
 }
 
