@@ -166,13 +166,15 @@ pub struct Vmm {
 impl Vmm {
     /// Opens KVM and the console; nothing runs yet.
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
+        // First: a missing, busy or non-TAP interface is a user's mistake to report as such,
+        // whatever else this host lacks.
+        let nets = open_nets(&config)?;
         install_kick_handler().map_err(VmmError::Signal)?;
         let kvm = open_kvm()?;
         let console = Console::open(&config.serial)?;
         let (events_tx, events) = channel();
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(VmmError::Epoll)?;
         let epoll = Epoll::new().map_err(VmmError::Epoll)?;
-        let nets = open_nets(&config)?;
         Ok(Vmm {
             kvm,
             config,
