@@ -17,7 +17,6 @@ use std::sync::{Mutex, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use tidevm_vmm::arch::x86_64::layout::{GuestLayout, GuestRange};
-use tidevm_vmm::devices::virtio::chain::GuestAccess;
 use tidevm_vmm::devices::virtio::net::request::{
     parse_tx, total_len, DescriptorTable, MAX_FRAME, NET_HDR_SIZE,
 };
