@@ -1,7 +1,7 @@
 //! Issue 12: virtio-net with the real Linux driver over a TAP that tidevm creates
 //! (`--net tap=auto`) in the lane's host: TCP both ways with busybox `nc`, a 32 MiB transfer
 //! from the lane's host to the guest and an 8 MiB one back, each checked with md5 on both
-//! sides, and the device's counters in `GET /vm/info`.
+//! sides, the device's counters in `GET /vm/info`, and the same TAP working after a reboot.
 //!
 //! Addresses are link-local only (169.254.10.0/24), on a TAP that exists only inside the
 //! lane's host: no test traffic can go anywhere else.
@@ -277,5 +277,48 @@ fn scenario(lane: &Lane, guest: &Guest) -> Result<()> {
         format!("counters {counters:?}"),
     )?;
     let _ = guest.run("rm -f /tmp/back.bin /tmp/big.bin*", CMD);
+
+    // A reboot rebuilds the VM in the same process: the TAP (created by tap=auto, with the
+    // host's address on it) and the MAC stay, and the new device works at once.
+    let mark = guest.console_len()?;
+    guest.send_line("reboot")?;
+    guest.wait_ready_from(mark, BOOT)?;
+    let after = net(guest)?;
+    check(
+        after.tap == tap && after.mac == GUEST_MAC,
+        guest,
+        format!("after the reboot: {after:?}"),
+    )?;
+    guest.run(
+        &format!("ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up"),
+        CMD,
+    )?;
+    host(
+        lane,
+        guest,
+        &listener(7004, &format!("{FROM_GUEST}.txt")),
+        CMD,
+    )?;
+    guest.run(
+        &format!(
+            "for i in $(seq 1 40); do echo after-the-reboot | nc {HOST_IP} 7004 && break; \
+             sleep 0.5; done"
+        ),
+        CMD,
+    )?;
+    let got = host(
+        lane,
+        guest,
+        &format!(
+            "for i in $(seq 1 60); do [ -e {FROM_GUEST}.txt.done ] && break; sleep 0.5; done; \
+             cat {FROM_GUEST}.txt"
+        ),
+        CMD,
+    )?;
+    check(
+        got.trim() == "after-the-reboot",
+        guest,
+        format!("after the reboot the host got {got:?}"),
+    )?;
     Ok(())
 }
