@@ -394,6 +394,7 @@ fn rx_frame_larger_than_the_buffer_is_dropped_and_the_next_one_delivered() {
     let mut drv = start(&mut s.dev, &mem);
     host_sends(&s.peer, &pattern(1500, 1));
     host_sends(&s.peer, &pattern(80, 2));
+    mem.write_slice(&[0x5a; 112], GuestAddress(DATA)).unwrap();
     drv.rx.add(&[(DATA, HDR_LEN + 100, WRITE)]);
     drv.rx.add(&[(DATA2, HDR_LEN + 100, WRITE)]);
     rx(&mut s);
@@ -405,6 +406,9 @@ fn rx_frame_larger_than_the_buffer_is_dropped_and_the_next_one_delivered() {
     mem.read_slice(&mut got, GuestAddress(DATA2 + u64::from(HDR_LEN)))
         .unwrap();
     assert_eq!(got, pattern(80, 2));
+    let mut small = [0u8; 112];
+    mem.read_slice(&mut small, GuestAddress(DATA)).unwrap();
+    assert_eq!(small, [0x5a; 112], "a dropped frame is not written in part");
     let m = s.dev.metrics();
     assert_eq!((m.rx_dropped, m.rx_frames), (1, 1));
 }
