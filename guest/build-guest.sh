@@ -43,7 +43,8 @@ extract_vmlinux "$BZIMAGE" "$OUT/vmlinux"
 ROOT="$(mktemp -d "$BUILD_DIR/guest-root.XXXXXX")"
 trap 'rm -rf "$ROOT"' EXIT
 install_busybox "$BUSYBOX_TREE/bin/busybox" "$ROOT"
-install_modules "$MODROOT" "$ROOT/lib/modules" virtio_mem virtio_balloon virtio_blk
+install_modules "$MODROOT" "$ROOT/lib/modules" virtio_mem virtio_balloon virtio_blk \
+    failover net_failover virtio_net
 mkdir -p "$ROOT"/{proc,sys,dev,tmp,root,mnt,newroot,etc/init.d}
 # /init: busybox init from the initramfs, or, with root=/dev/... on the command line, the
 # root file system on that disk. virtio_blk is a module, so the kernel cannot mount a

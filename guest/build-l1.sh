@@ -40,7 +40,7 @@ cp "$KERNEL_TREE/boot/vmlinuz-$KERNEL_RELEASE" "$OUT/vmlinuz"
 ROOT="$(mktemp -d "$BUILD_DIR/l1-root.XXXXXX")"
 trap 'rm -rf "$ROOT"' EXIT
 install_busybox "$BUSYBOX_TREE/bin/busybox" "$ROOT"
-install_modules "$MODROOT" "$ROOT/lib/modules" irqbypass kvm kvm_amd
+install_modules "$MODROOT" "$ROOT/lib/modules" irqbypass kvm kvm_amd tun
 mkdir -p "$ROOT"/{proc,sys,dev,tmp,run,root,etc/init.d,guest,usr/local/bin}
 ln -s sbin/init "$ROOT/init"
 cp "$GUEST/vmlinux" "$GUEST/initramfs.cpio.gz" "$GUEST/VERSIONS" "$ROOT/guest/"

@@ -118,6 +118,7 @@ fuzz_target!(|input: Input| {
         dimms: Vec::new(),
         memory_policy: None,
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     if config.validate(Some(u64::MAX)).is_ok() {
         assert!(memory.size >= 128 * MIB && memory.size % (2 * MIB) == 0);

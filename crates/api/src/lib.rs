@@ -55,8 +55,8 @@ pub use types::{
     parse_byte_size, AddDimmBody, ApiError, ApiRequest, ApiResponse, BalloonInfo, BalloonStats,
     DimmBacking, DimmInfo, DimmState, DimmsInfo, DiskCounters, DiskInfo, ErrorBody, Event,
     EventRecord, GuestRange, HostRss, MemoryBalloon, MemoryDimm, MemoryInfo, MemoryPlanInfo,
-    MemoryShortfall, MemoryStatus, MemoryStep, MemoryViolation, MemoryVirtioMem, NodeMemory,
-    OstReport, PayloadInfo, RequestHandler, ResizeShortfall, ResizeVirtioMemBody, SetBalloonBody,
-    SetMemoryBody, SetMemoryPolicyBody, VirtioMemCounters, VirtioMemInfo, VmInfo, VmState,
-    METRICS_CONTENT_TYPE,
+    MemoryShortfall, MemoryStatus, MemoryStep, MemoryViolation, MemoryVirtioMem, NetCounters,
+    NetInfo, NodeMemory, OstReport, PayloadInfo, RequestHandler, ResizeShortfall,
+    ResizeVirtioMemBody, SetBalloonBody, SetMemoryBody, SetMemoryPolicyBody, VirtioMemCounters,
+    VirtioMemInfo, VmInfo, VmState, METRICS_CONTENT_TYPE,
 };

@@ -117,6 +117,16 @@ fn sample_info() -> VmInfo {
                 ..Default::default()
             },
         }],
+        nets: vec![crate::NetInfo {
+            id: "net0".to_owned(),
+            tap: "tidevm0".to_owned(),
+            mac: "02:00:00:00:00:01".to_owned(),
+            counters: crate::NetCounters {
+                rx_frames: 2,
+                tx_bytes: 1514,
+                ..Default::default()
+            },
+        }],
     }
 }
 

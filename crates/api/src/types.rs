@@ -545,6 +545,44 @@ pub struct DiskCounters {
     pub host_errors: u64,
 }
 
+/// A virtio-net device and its counters (since the VM booted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetInfo {
+    /// Network id.
+    pub id: String,
+    /// The host's TAP interface (for `tap=auto`, the one tidevm created).
+    pub tap: String,
+    /// The guest's MAC address, `xx:xx:xx:xx:xx:xx`.
+    pub mac: String,
+    /// What the guest sent and received.
+    #[serde(default)]
+    pub counters: NetCounters,
+}
+
+/// Per-network counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetCounters {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Their bytes (without the virtio-net header).
+    pub rx_bytes: u64,
+    /// Frames from the host that did not reach the guest (larger than its buffer, or its
+    /// buffer became inaccessible).
+    pub rx_dropped: u64,
+    /// Frames the guest sent to the host.
+    pub tx_frames: u64,
+    /// Their bytes (without the virtio-net header).
+    pub tx_bytes: u64,
+    /// Frames the guest sent that did not go out (over 64 KiB, refused by the host, or in
+    /// memory that is not accessible).
+    pub tx_dropped: u64,
+    /// Descriptor chains that could not carry a frame (wrong direction, indirect, shorter
+    /// than the header, or in memory that is not accessible).
+    pub malformed: u64,
+    /// Host read or write failures.
+    pub backend_errors: u64,
+}
+
 /// One guest access to memory it does not own.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemoryViolation {
@@ -618,6 +656,9 @@ pub struct VmInfo {
     /// virtio-blk disks, in command-line order.
     #[serde(default)]
     pub disks: Vec<DiskInfo>,
+    /// virtio-net devices, in command-line order.
+    #[serde(default)]
+    pub nets: Vec<NetInfo>,
 }
 
 /// Body of `PUT /vm/virtio-mem/{id}`.

@@ -656,3 +656,49 @@ fn ctl_into_a_closed_pipe_ends_quietly() {
     );
     drop(server);
 }
+
+#[test]
+fn net_options_a_missing_tap_and_an_interface_that_is_not_a_tap() {
+    let kernel = junk_kernel("net-keys");
+    let kernel = kernel.0.to_str().unwrap();
+    let mut cases = vec![
+        ("tap=tap0,queues=4", vec!["--net", "unknown key 'queues'"]),
+        (
+            "tap=tap0,mac=01:00:5e:00:00:01",
+            vec!["--net", "not a unicast address"],
+        ),
+        ("mac=02:00:00:00:00:01", vec!["--net", "tap= is required"]),
+    ];
+    if std::path::Path::new("/sys/class/net").is_dir() {
+        cases.push(("tap=tvm-nosuch9", vec!["tvm-nosuch9", "does not exist"]));
+    }
+    if std::path::Path::new("/sys/class/net/lo").exists() {
+        cases.push(("tap=lo", vec!["lo", "is not a TAP device"]));
+    }
+    for (value, names) in cases {
+        expect_error(
+            &["run", "--kernel", kernel, "--serial", "off", "--net", value],
+            &names,
+        );
+    }
+}
+
+#[test]
+fn two_nets_with_one_id() {
+    let kernel = junk_kernel("net-dup");
+    let kernel = kernel.0.to_str().unwrap();
+    expect_error(
+        &[
+            "run",
+            "--kernel",
+            kernel,
+            "--serial",
+            "off",
+            "--net",
+            "tap=a,id=x",
+            "--net",
+            "tap=b,id=x",
+        ],
+        &["--net", "two networks have this id"],
+    );
+}

@@ -27,6 +27,7 @@ use crate::devices::platform::{AcpiPowerManagement, ACPI_PM_SIZE};
 use crate::devices::virtio::balloon::{BalloonConfig, BalloonDevice};
 use crate::devices::virtio::block::{BlockConfig, Disk, DiskError, VirtioBlock};
 use crate::devices::virtio::mem::{VirtioMem, VirtioMemConfig, VirtioMemError};
+use crate::devices::virtio::net::{MacAddr, NetConfig, Tap, TapError, VirtioNet};
 use crate::devices::virtio::transport_pci::{
     VirtioPciDevice, VirtioPciError, VirtioTransport, BAR_SIZE,
 };
@@ -101,6 +102,24 @@ pub enum BuildError {
         #[source]
         source: DiskError,
     },
+    /// A TAP device could not be opened.
+    #[error("cannot attach network {id}")]
+    Net {
+        /// The network's id.
+        id: String,
+        /// The cause.
+        #[source]
+        source: TapError,
+    },
+    /// An open TAP could not be handed to the device.
+    #[error("cannot attach network {id}: duplicating the TAP descriptor failed")]
+    NetBackend {
+        /// The network's id.
+        id: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// The balloon could not be created.
     #[error("cannot create the balloon")]
     Balloon(#[source] crate::devices::virtio::balloon::BalloonError),
@@ -137,6 +156,8 @@ pub struct RunningVm {
     pub virtio: Vec<Arc<Mutex<dyn VirtioTransport>>>,
     /// The virtio-blk disks (also in `virtio`), in configuration order.
     pub disks: Vec<Arc<Mutex<VirtioPciDevice<VirtioBlock>>>>,
+    /// The virtio-net devices (also in `virtio`), in configuration order.
+    pub nets: Vec<Arc<Mutex<VirtioPciDevice<VirtioNet>>>>,
     /// Devices the guest reaches by port I/O and MMIO, and PCI bus 0; held so they live as
     /// long as the VM (the vCPU threads hold the buses too).
     _platform: Platform,
@@ -185,6 +206,40 @@ impl DimmHotplug {
             .unwrap_or_else(|e| e.into_inner())
             .notify(crate::devices::ged::event::MEMORY_HOTPLUG);
     }
+}
+
+/// A network's host side, opened once for the life of the VMM: the TAP (and, for
+/// `tap=auto`, the interface itself) and the MAC address outlive reboots, so that the host's
+/// addresses on the TAP and the guest's neighbours' ARP entries stay valid.
+#[derive(Debug)]
+pub struct NetAttachment {
+    /// The network's id.
+    pub id: String,
+    /// The open TAP.
+    pub tap: Tap,
+    /// The guest's MAC address.
+    pub mac: MacAddr,
+}
+
+/// Opens the TAP of every `--net`, in order.
+pub fn open_nets(config: &VmConfig) -> Result<Vec<NetAttachment>, BuildError> {
+    config
+        .nets
+        .iter()
+        .map(|net| {
+            let tap = Tap::open(&net.tap).map_err(|source| BuildError::Net {
+                id: net.id.clone(),
+                source,
+            })?;
+            let mac = net.mac.unwrap_or_else(MacAddr::random);
+            tracing::info!("network {}: TAP {}, guest MAC {mac}", net.id, tap.name());
+            Ok(NetAttachment {
+                id: net.id.clone(),
+                tap,
+                mac,
+            })
+        })
+        .collect()
 }
 
 /// Where DIMMs go: after the virtio-mem regions, as large as maxmem allows; `None` without
@@ -269,6 +324,7 @@ fn attach_dimms(
 pub fn build_vm(
     kvm: &Kvm,
     config: &VmConfig,
+    net_attachments: &[NetAttachment],
     console: &Console,
     exit: &ExitRequester,
     vcpu_exits: &Arc<VcpuExits>,
@@ -356,6 +412,22 @@ pub fn build_vm(
         virtio.push(transport.clone());
         disks.push(transport);
     }
+    let mut nets = Vec::with_capacity(net_attachments.len());
+    for net in net_attachments {
+        let backend = net.tap.backend().map_err(|source| BuildError::NetBackend {
+            id: net.id.clone(),
+            source,
+        })?;
+        let device = VirtioNet::new(NetConfig {
+            id: net.id.clone(),
+            host_name: net.tap.name().to_string(),
+            mac: net.mac,
+            backend,
+        });
+        let transport = attacher.attach(net.id.clone(), device)?;
+        virtio.push(transport.clone());
+        nets.push(transport);
+    }
 
     let acpi_config = AcpiConfig {
         cpus: config.cpus,
@@ -410,6 +482,7 @@ pub fn build_vm(
         stop,
         virtio,
         disks,
+        nets,
         _platform: Platform {
             io_bus,
             mmio_bus,

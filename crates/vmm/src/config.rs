@@ -497,6 +497,74 @@ impl DiskConfig {
     }
 }
 
+/// One virtio-net device: `tap=NAME|auto[,mac=XX:XX:XX:XX:XX:XX][,id=ID]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetDeviceConfig {
+    /// Name in the API (`net0`, `net1`... by default).
+    pub id: String,
+    /// The TAP interface: an existing one, or `auto` to create `tidevm<N>`.
+    pub tap: crate::devices::virtio::net::TapName,
+    /// The guest's MAC address; a random locally administered one when not given (kept
+    /// across reboots).
+    pub mac: Option<crate::devices::virtio::net::MacAddr>,
+}
+
+impl NetDeviceConfig {
+    /// Parses a `--net` value; `index` (its place among the networks) names it when no id is
+    /// given.
+    pub fn parse(value: &str, index: usize) -> Result<Self, ConfigError> {
+        use crate::devices::virtio::net::{tap::check_name, MacAddr, TapName};
+        let invalid = |reason: String| ConfigError::InvalidOption {
+            option: "net",
+            value: value.to_string(),
+            reason,
+        };
+        let mut tap = None;
+        let mut config = NetDeviceConfig {
+            id: format!("net{index}"),
+            tap: TapName::Auto,
+            mac: None,
+        };
+        for item in value.split(',') {
+            let (key, v) = item
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("'{item}' is not key=value")))?;
+            match key {
+                "tap" if v == "auto" => tap = Some(TapName::Auto),
+                "tap" => {
+                    check_name(v).map_err(|e| invalid(e.to_string()))?;
+                    tap = Some(TapName::Existing(v.to_string()));
+                }
+                "mac" => {
+                    let mac = MacAddr::parse(v).ok_or_else(|| {
+                        invalid(format!(
+                            "mac '{v}' is not a unicast address like 02:00:00:00:00:01"
+                        ))
+                    })?;
+                    config.mac = Some(mac);
+                }
+                "id" => config.id = v.to_string(),
+                _ => return Err(invalid(format!("unknown key '{key}'"))),
+            }
+        }
+        config.tap = tap.ok_or_else(|| invalid("tap= is required (a name, or auto)".into()))?;
+        if !valid_id(&config.id) {
+            return Err(invalid(
+                "id must be 1-64 characters of [A-Za-z0-9_.-]".into(),
+            ));
+        }
+        Ok(config)
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+}
+
 /// Longest `stats-interval` of the balloon: a day.
 pub const MAX_STATS_INTERVAL_SECS: u64 = 24 * 60 * 60;
 
@@ -595,6 +663,8 @@ pub struct VmConfig {
     pub memory_policy: Option<PolicyConfig>,
     /// virtio-blk disks, in command-line order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net devices, in command-line order.
+    pub nets: Vec<NetDeviceConfig>,
 }
 
 /// What happens when the guest touches hotplug memory that is not plugged.
@@ -686,6 +756,23 @@ impl VmConfig {
                     reason: "two disks have this id".into(),
                 });
             }
+        }
+        for (i, net) in self.nets.iter().enumerate() {
+            let earlier = &self.nets[..i];
+            let reason = if earlier.iter().any(|n| n.id == net.id) {
+                "two networks have this id"
+            } else if matches!(net.tap, crate::devices::virtio::net::TapName::Existing(_))
+                && earlier.iter().any(|n| n.tap == net.tap)
+            {
+                "two networks use this TAP"
+            } else {
+                continue;
+            };
+            return Err(ConfigError::InvalidOption {
+                option: "net",
+                value: net.id.clone(),
+                reason: reason.into(),
+            });
         }
         // Opened once now, so that a missing or read-only image fails before anything boots;
         // the builder opens it again for the device.
@@ -986,6 +1073,55 @@ mod tests {
     }
 
     #[test]
+    fn net_options() {
+        use crate::devices::virtio::net::{MacAddr, TapName};
+        let n = NetDeviceConfig::parse("tap=tap3,mac=02:AB:cd:00:00:01,id=lan", 0).unwrap();
+        assert_eq!(
+            n,
+            NetDeviceConfig {
+                id: "lan".into(),
+                tap: TapName::Existing("tap3".into()),
+                mac: Some(MacAddr([0x02, 0xab, 0xcd, 0, 0, 1])),
+            }
+        );
+        let n = NetDeviceConfig::parse("tap=auto", 2).unwrap();
+        assert_eq!((n.id.as_str(), n.tap, n.mac), ("net2", TapName::Auto, None));
+        for (bad, why) in [
+            ("tap=tap0,speed=10", "unknown key 'speed'"),
+            ("tap=tap0,mac=01:00:00:00:00:01", "not a unicast address"),
+            ("tap=tap0,mac=02:00:00:00:00", "not a unicast address"),
+            ("tap=tap0,mac=02:00:00:00:00:0g", "not a unicast address"),
+            ("mac=02:00:00:00:00:01", "tap= is required"),
+            ("tap=a/b", "invalid TAP name"),
+            ("tap=much-too-long-name", "invalid TAP name"),
+            ("tap=tap0,id=", "id must be"),
+            ("tap", "not key=value"),
+        ] {
+            let e = NetDeviceConfig::parse(bad, 0).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("--net"), "{bad}: {e}");
+            assert!(!e.contains('\n'), "{bad}: one line: {e}");
+        }
+    }
+
+    #[test]
+    fn nets_are_checked_for_duplicate_ids_and_taps() {
+        let mut config = small_config();
+        config.nets = vec![
+            NetDeviceConfig::parse("tap=t0", 0).unwrap(),
+            NetDeviceConfig::parse("tap=t1", 1).unwrap(),
+            NetDeviceConfig::parse("tap=auto", 2).unwrap(),
+            NetDeviceConfig::parse("tap=auto", 3).unwrap(),
+        ];
+        config.validate(None).unwrap();
+        config.nets[1] = NetDeviceConfig::parse("tap=t0", 1).unwrap();
+        let e = config.validate(None).unwrap_err().to_string();
+        assert!(e.contains("two networks use this TAP"), "{e}");
+        config.nets[1] = NetDeviceConfig::parse("tap=t1,id=net0", 1).unwrap();
+        let e = config.validate(None).unwrap_err().to_string();
+        assert!(e.contains("two networks have this id"), "{e}");
+    }
+
+    #[test]
     fn disks_are_checked_for_duplicate_ids_and_missing_files() {
         let image = std::env::temp_dir().join(format!("tidevm-config-{}.img", std::process::id()));
         std::fs::write(&image, [0u8; 4096]).unwrap();
@@ -1053,6 +1189,7 @@ mod tests {
             numa: Vec::new(),
             balloon: None,
             disks: Vec::new(),
+            nets: Vec::new(),
             dimms: Vec::new(),
             memory_policy: None,
         }
@@ -1151,6 +1288,7 @@ mod tests {
             numa: Vec::new(),
             balloon: None,
             disks: Vec::new(),
+            nets: Vec::new(),
             dimms: Vec::new(),
             memory_policy: None,
         };

@@ -14,7 +14,7 @@ use tidevm_api::{ApiError, ApiRequest, ApiRequestCounts, ApiResponse, RequestHan
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::builder::{build_vm, BuildError, RunningVm};
+use crate::builder::{build_vm, open_nets, BuildError, NetAttachment, RunningVm};
 use crate::config::VmConfig;
 use crate::console::{Console, ConsoleError};
 use crate::events::EventBus;
@@ -132,6 +132,15 @@ impl RequestHandler for ApiBridge {
 /// Epoll token of the control eventfd; queue notifications use 1 and up.
 const CONTROL_TOKEN: u64 = 0;
 
+/// What woke the control loop for a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    /// The driver notified the queue (its ioeventfd).
+    Notify,
+    /// The device's backend became readable.
+    Backend,
+}
+
 /// Owns the VM across reboots.
 pub struct Vmm {
     kvm: Kvm,
@@ -143,8 +152,11 @@ pub struct Vmm {
     generation: u64,
     vm: Option<RunningVm>,
     epoll: Epoll,
-    /// What each epoll token (minus one) stands for: a virtio device and one of its queues.
-    queue_tokens: Vec<(usize, usize)>,
+    /// What each epoll token (minus one) stands for: a virtio device, one of its queues, and
+    /// whether the event is the queue's notification or the device's backend being readable.
+    queue_tokens: Vec<(usize, usize, Source)>,
+    /// The networks' TAPs, open for as long as the VMM runs (across reboots).
+    nets: Vec<NetAttachment>,
     /// Counters kept outside the memory service (vCPU exits, API requests), across reboots.
     metrics: MetricsSources,
     /// The event stream.
@@ -154,6 +166,9 @@ pub struct Vmm {
 impl Vmm {
     /// Opens KVM and the console; nothing runs yet.
     pub fn new(config: VmConfig) -> Result<Self, VmmError> {
+        // First: a missing, busy or non-TAP interface is a user's mistake to report as such,
+        // whatever else this host lacks.
+        let nets = open_nets(&config)?;
         install_kick_handler().map_err(VmmError::Signal)?;
         let kvm = open_kvm()?;
         let console = Console::open(&config.serial)?;
@@ -171,6 +186,7 @@ impl Vmm {
             vm: None,
             epoll,
             queue_tokens: Vec::new(),
+            nets,
             metrics: MetricsSources::default(),
             bus: Arc::new(EventBus::new()),
         })
@@ -205,6 +221,7 @@ impl Vmm {
         let mut vm = build_vm(
             &self.kvm,
             &self.config,
+            &self.nets,
             &self.console,
             &exit,
             &self.metrics.vcpu_exits,
@@ -221,21 +238,39 @@ impl Vmm {
     fn watch_events(&mut self, vm: &RunningVm) -> Result<(), VmmError> {
         self.epoll = Epoll::new().map_err(VmmError::Epoll)?;
         self.queue_tokens.clear();
-        let add = |epoll: &Epoll, fd: i32, token: u64| {
+        let add = |epoll: &Epoll, fd: i32, events: EventSet, token: u64| {
             epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token),
-                )
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))
                 .map_err(VmmError::Epoll)
         };
-        add(&self.epoll, self.wake.as_raw_fd(), CONTROL_TOKEN)?;
+        add(
+            &self.epoll,
+            self.wake.as_raw_fd(),
+            EventSet::IN,
+            CONTROL_TOKEN,
+        )?;
         for (device_index, device) in vm.virtio.iter().enumerate() {
             let device = device.lock().unwrap_or_else(|e| e.into_inner());
             for (queue_index, evt) in device.queue_events().iter().enumerate() {
-                self.queue_tokens.push((device_index, queue_index));
-                add(&self.epoll, evt.as_raw_fd(), self.queue_tokens.len() as u64)?;
+                self.queue_tokens
+                    .push((device_index, queue_index, Source::Notify));
+                let token = self.queue_tokens.len() as u64;
+                add(&self.epoll, evt.as_raw_fd(), EventSet::IN, token)?;
+            }
+            // Edge-triggered: a backend with frames the guest has no buffer for stays
+            // readable, and level-triggered epoll would wake the loop for it again and again.
+            // The device reads until the backend would block, or until the guest runs out of
+            // buffers (its next notification resumes), or asks to run again at its budget.
+            if let Some((fd, queue_index)) = device.backend_fd() {
+                self.queue_tokens
+                    .push((device_index, queue_index, Source::Backend));
+                let token = self.queue_tokens.len() as u64;
+                add(
+                    &self.epoll,
+                    fd,
+                    EventSet::IN | EventSet::EDGE_TRIGGERED,
+                    token,
+                )?;
             }
         }
         Ok(())
@@ -298,7 +333,8 @@ impl Vmm {
     }
 
     fn process_queue_notification(&mut self, token: u64) {
-        let Some(&(device_index, queue_index)) = self.queue_tokens.get(token as usize - 1) else {
+        let Some(&(device_index, queue_index, source)) = self.queue_tokens.get(token as usize - 1)
+        else {
             return;
         };
         let Some(vm) = self.vm.as_mut() else {
@@ -308,7 +344,9 @@ impl Vmm {
             return;
         };
         let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = device.queue_events()[queue_index].read();
+        if source == Source::Notify {
+            let _ = device.queue_events()[queue_index].read();
+        }
         let manager = vm.memory.manager_mut();
         let guest_memory = manager.guest_memory().clone();
         device.process_queue(queue_index, &guest_memory, manager);
@@ -367,6 +405,7 @@ impl Vmm {
             ApiRequest::VmInfo => Ok(ApiResponse::VmInfo(api::vm_info(
                 self.vm.as_ref().map(|vm| &vm.memory),
                 self.vm.as_ref().map_or(&[], |vm| &vm.disks[..]),
+                self.vm.as_ref().map_or(&[], |vm| &vm.nets[..]),
                 &self.config,
             ))),
             ApiRequest::Shutdown => {

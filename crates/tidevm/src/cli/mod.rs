@@ -40,8 +40,9 @@ pub enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    // Boxed: the run options are by far the largest variant (clippy::large_enum_variant).
     /// Boot a VM and run it until it powers off.
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// Control a running VM through its API socket.
     Ctl(ctl::CtlArgs),
     /// Measure tidevm with real Linux guests in the test lane this machine offers.
@@ -51,7 +52,7 @@ enum Command {
 /// Runs the chosen command; returns the process exit code.
 pub fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Ctl(args) => {
             restore_default_sigpipe();
             ctl::ctl(args)

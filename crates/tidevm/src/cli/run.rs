@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::Args;
 use tidevm_api::{parse_socket_mode, ApiServer, MetricsListener, DEFAULT_SOCKET_MODE};
 use tidevm_vmm::config::{
-    BalloonDeviceConfig, DiskConfig, MemoryConfig, NumaNodeConfig, SerialConfig, ViolationPolicy,
-    VirtioMemDeviceConfig,
+    BalloonDeviceConfig, DiskConfig, MemoryConfig, NetDeviceConfig, NumaNodeConfig, SerialConfig,
+    ViolationPolicy, VirtioMemDeviceConfig,
 };
 use tidevm_vmm::memory::host_memory_bytes;
 use tidevm_vmm::memory_service::autopilot::PolicyConfig;
@@ -58,6 +58,11 @@ pub struct RunArgs {
     /// it with O_DIRECT (the guest then sees 4 KiB blocks).
     #[arg(long)]
     disk: Vec<String>,
+    /// A virtio-net device (repeatable): tap=NAME|auto[,mac=XX:XX:XX:XX:XX:XX][,id=ID]. NAME
+    /// is an existing TAP interface; auto creates one named tidevm<N> for the VMM's life.
+    /// Ids default to net0, net1... in order; the MAC to a random locally administered one.
+    #[arg(long)]
+    net: Vec<String>,
     /// A NUMA node (repeatable): node=ID,cpus=LIST,memory=SIZE; the nodes' memory must add
     /// up to --memory.
     #[arg(long)]
@@ -128,6 +133,12 @@ impl RunArgs {
                 .iter()
                 .enumerate()
                 .map(|(index, v)| DiskConfig::parse(v, index))
+                .collect::<Result<_, _>>()?,
+            nets: self
+                .net
+                .iter()
+                .enumerate()
+                .map(|(index, v)| NetDeviceConfig::parse(v, index))
                 .collect::<Result<_, _>>()?,
         })
     }

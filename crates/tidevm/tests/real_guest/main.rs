@@ -9,6 +9,7 @@ mod block;
 mod ch_compat;
 mod dimm;
 mod foundation;
+mod net;
 mod page_cache;
 mod virtio_mem;
 
@@ -39,6 +40,7 @@ fn main() {
         .chain(ch_compat::SCENARIOS)
         .chain(block::SCENARIOS)
         .chain(page_cache::SCENARIOS)
+        .chain(net::SCENARIOS)
         .copied()
         .collect();
     let selected: Vec<_> = scenarios

@@ -375,6 +375,41 @@ fn disks_info(disks: &[DiskHandle]) -> Vec<tidevm_api::DiskInfo> {
         .collect()
 }
 
+/// The networks for `GET /vm/info`.
+fn nets_info(nets: &[NetHandle]) -> Vec<tidevm_api::NetInfo> {
+    nets.iter()
+        .map(|n| {
+            let transport = n.lock().unwrap_or_else(|e| e.into_inner());
+            let device = transport.device();
+            let m = device.metrics();
+            tidevm_api::NetInfo {
+                id: device.id().to_owned(),
+                tap: device.host_name().to_owned(),
+                mac: device.mac().to_string(),
+                counters: tidevm_api::NetCounters {
+                    rx_frames: m.rx_frames,
+                    rx_bytes: m.rx_bytes,
+                    rx_dropped: m.rx_dropped,
+                    tx_frames: m.tx_frames,
+                    tx_bytes: m.tx_bytes,
+                    tx_dropped: m.tx_dropped,
+                    malformed: m.malformed,
+                    backend_errors: m.backend_errors,
+                },
+            }
+        })
+        .collect()
+}
+
+/// A virtio-net device on PCI.
+pub(super) type NetHandle = std::sync::Arc<
+    std::sync::Mutex<
+        crate::devices::virtio::transport_pci::VirtioPciDevice<
+            crate::devices::virtio::net::VirtioNet,
+        >,
+    >,
+>;
+
 /// A virtio-blk disk on PCI.
 pub(super) type DiskHandle = std::sync::Arc<
     std::sync::Mutex<
@@ -388,6 +423,7 @@ pub(super) type DiskHandle = std::sync::Arc<
 pub(super) fn vm_info(
     memory: Option<&MemoryService>,
     disks: &[DiskHandle],
+    nets: &[NetHandle],
     config: &VmConfig,
 ) -> VmInfo {
     let vcpus = u32::from(config.cpus);
@@ -416,6 +452,7 @@ pub(super) fn vm_info(
             dimms: None,
             payload,
             disks: Vec::new(),
+            nets: Vec::new(),
         };
     };
     let (ram, hotplug_area) = memory.layout();
@@ -450,6 +487,7 @@ pub(super) fn vm_info(
         dimms: memory.dimms_status().map(dimms_info),
         payload,
         disks: disks_info(disks),
+        nets: nets_info(nets),
     }
 }
 

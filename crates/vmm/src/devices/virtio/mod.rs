@@ -11,6 +11,7 @@ pub mod block;
 pub mod chain;
 pub mod mem;
 pub mod msix;
+pub mod net;
 pub mod transport_pci;
 use virtio_queue::Queue;
 
@@ -99,4 +100,11 @@ pub trait VirtioDevice: Send {
         guest_memory: &GuestMemoryMmap,
         memory: &mut MemoryManager,
     ) -> Signal;
+    /// A host descriptor whose readability is work for the device (a network backend with
+    /// frames for the guest), and the queue to process when it becomes readable. The
+    /// control loop watches it edge-triggered: the device reads it until it would block, or
+    /// asks to be run again ([`Signal::more`]).
+    fn backend_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
+    }
 }

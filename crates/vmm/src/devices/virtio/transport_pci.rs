@@ -143,6 +143,9 @@ pub trait VirtioTransport: Send + std::fmt::Debug {
         guest_memory: &GuestMemoryMmap,
         memory: &mut MemoryManager,
     );
+    /// The device's backend descriptor and the queue it feeds (see
+    /// [`VirtioDevice::backend_fd`]).
+    fn backend_fd(&self) -> Option<(std::os::fd::RawFd, usize)>;
 }
 
 impl<D: VirtioDevice> VirtioTransport for VirtioPciDevice<D> {
@@ -166,6 +169,10 @@ impl<D: VirtioDevice> VirtioTransport for VirtioPciDevice<D> {
         }
         let signal = self.device.process_queue(index, guest_memory, memory);
         self.raise(signal, index);
+    }
+
+    fn backend_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        self.device.backend_fd()
     }
 }
 
