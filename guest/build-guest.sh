@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the L2 guest that tidevm boots: build/guest/{vmlinux,bzImage,
 # initramfs.cpio.gz,rootfs.ext4,VERSIONS}. The userland is busybox init with a root shell
-# on ttyS0; the init script loads virtio_mem, virtio_balloon and virtio_blk and prints
+# on ttyS0; the init script loads virtio_mem, virtio_balloon, virtio_blk and virtio_net and prints
 # TIDEVM-GUEST-READY, which the test harness waits for. rootfs.ext4 holds the same
 # userland as an ext4 disk image (made with `mke2fs -d`, no root privileges needed): with
 # `root=/dev/vda` on the kernel command line the initramfs's /init mounts it and switches
