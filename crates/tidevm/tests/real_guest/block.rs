@@ -8,7 +8,7 @@ use std::time::Duration;
 use tidevm_api::{DiskInfo, VmInfo};
 use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
-use crate::foundation::{check, BOOT, CMD};
+use crate::foundation::{check, md5_of, BOOT, CMD};
 use crate::Scenario;
 
 pub const SCENARIOS: &[(&str, Scenario)] = &[
@@ -51,15 +51,6 @@ fn allocated_kib(lane: &Lane, guest: &Guest) -> Result<u64> {
         .and_then(|kib| kib.parse().ok())
         .filter(|_| rc == 0)
         .ok_or_else(|| guest.failure(format!("du -k {DATA_IMAGE}: {out}")))
-}
-
-/// The first word of `md5sum` output.
-fn md5_of(output: &str) -> String {
-    output
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Writes a random pattern to /dev/vda and makes it durable; returns its checksum.

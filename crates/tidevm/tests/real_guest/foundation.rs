@@ -37,11 +37,25 @@ pub fn memtouch(guest: &Guest, mib: u64, timeout: Duration, what: &str) -> Resul
 }
 
 pub fn mem_total_kib(guest: &Guest) -> Result<u64> {
-    let line = guest.run("grep MemTotal /proc/meminfo", CMD)?;
+    meminfo_kib(guest, "MemTotal")
+}
+
+/// A `/proc/meminfo` field of the guest, in KiB.
+pub fn meminfo_kib(guest: &Guest, field: &str) -> Result<u64> {
+    let line = guest.run(&format!("grep '^{field}:' /proc/meminfo"), CMD)?;
     line.split_whitespace()
         .nth(1)
         .and_then(|v| v.parse().ok())
-        .ok_or_else(|| guest.failure(format!("cannot parse MemTotal from {line:?}")))
+        .ok_or_else(|| guest.failure(format!("cannot parse {field} from {line:?}")))
+}
+
+/// The first word of `md5sum` output.
+pub fn md5_of(output: &str) -> String {
+    output
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn boot<'a>(lane: &'a Lane, cpus: u32, memory: &str) -> Result<Guest<'a>> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tidevm_api::{NetInfo, VmInfo};
 use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
-use crate::foundation::{check, BOOT, CMD};
+use crate::foundation::{check, md5_of, BOOT, CMD};
 use crate::Scenario;
 
 pub const SCENARIOS: &[(&str, Scenario)] = &[("net_tcp_both_ways", tcp_both_ways)];
@@ -38,15 +38,6 @@ fn net(guest: &Guest) -> Result<NetInfo> {
         .into_iter()
         .next()
         .ok_or_else(|| guest.failure("GET /vm/info lists no network"))
-}
-
-/// The first word of `md5sum` output.
-fn md5_of(output: &str) -> String {
-    output
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
 }
 
 /// Runs `script` in the lane's host; a non-zero status fails the scenario.
@@ -86,6 +77,38 @@ fn listener(port: u16, out: &str) -> String {
         "( (rm -f {out}.fifo {out}.done; mkfifo {out}.fifo; sleep 600 > {out}.fifo & s=$!; \
          nc -l -p {port} < {out}.fifo > {out}; touch {out}.done; kill $s; rm -f {out}.fifo) \
          </dev/null >/dev/null 2>&1 & )"
+    )
+}
+
+/// The guest sends `line` over TCP to a listener on the lane's host `port` (retrying while
+/// the listener is not up yet), and the host must receive exactly that line.
+fn guest_says(lane: &Lane, guest: &Guest, port: u16, line: &str) -> Result<()> {
+    host(
+        lane,
+        guest,
+        &listener(port, &format!("{FROM_GUEST}.txt")),
+        CMD,
+    )?;
+    guest.run(
+        &format!(
+            "for i in $(seq 1 40); do echo {line} | nc {HOST_IP} {port} && break; \
+             sleep 0.5; done"
+        ),
+        CMD,
+    )?;
+    let got = host(
+        lane,
+        guest,
+        &format!(
+            "for i in $(seq 1 60); do [ -e {FROM_GUEST}.txt.done ] && break; sleep 0.5; done; \
+             cat {FROM_GUEST}.txt"
+        ),
+        CMD,
+    )?;
+    check(
+        got.trim() == line,
+        guest,
+        format!("on port {port} the host got {got:?}, the guest sent {line:?}"),
     )
 }
 
@@ -167,33 +190,7 @@ fn scenario(lane: &Lane, guest: &Guest) -> Result<()> {
     )?;
 
     // Guest to host: a line.
-    host(
-        lane,
-        guest,
-        &listener(7001, &format!("{FROM_GUEST}.txt")),
-        CMD,
-    )?;
-    guest.run(
-        &format!(
-            "for i in $(seq 1 40); do echo hello-from-the-guest | nc {HOST_IP} 7001 && break; \
-             sleep 0.5; done"
-        ),
-        CMD,
-    )?;
-    let got = host(
-        lane,
-        guest,
-        &format!(
-            "for i in $(seq 1 60); do [ -e {FROM_GUEST}.txt.done ] && break; sleep 0.5; done; \
-             cat {FROM_GUEST}.txt"
-        ),
-        CMD,
-    )?;
-    check(
-        got.trim() == "hello-from-the-guest",
-        guest,
-        format!("the host got {got:?}"),
-    )?;
+    guest_says(lane, guest, 7001, "hello-from-the-guest")?;
 
     // Host to guest: 32 MiB of random bytes.
     let sent = host(
@@ -293,32 +290,6 @@ fn scenario(lane: &Lane, guest: &Guest) -> Result<()> {
         &format!("ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up"),
         CMD,
     )?;
-    host(
-        lane,
-        guest,
-        &listener(7004, &format!("{FROM_GUEST}.txt")),
-        CMD,
-    )?;
-    guest.run(
-        &format!(
-            "for i in $(seq 1 40); do echo after-the-reboot | nc {HOST_IP} 7004 && break; \
-             sleep 0.5; done"
-        ),
-        CMD,
-    )?;
-    let got = host(
-        lane,
-        guest,
-        &format!(
-            "for i in $(seq 1 60); do [ -e {FROM_GUEST}.txt.done ] && break; sleep 0.5; done; \
-             cat {FROM_GUEST}.txt"
-        ),
-        CMD,
-    )?;
-    check(
-        got.trim() == "after-the-reboot",
-        guest,
-        format!("after the reboot the host got {got:?}"),
-    )?;
+    guest_says(lane, guest, 7004, "after-the-reboot")?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tidevm_testlane::{Guest, GuestOptions, L1Thp, Lane, Result};
 
-use crate::foundation::{check, mem_total_kib, BOOT, CMD};
+use crate::foundation::{check, mem_total_kib, meminfo_kib, BOOT, CMD};
 use crate::virtio_mem::finish;
 use crate::Scenario;
 
@@ -20,15 +20,6 @@ const IMAGE: &str = "/run/tidevm-cache.img";
 const IMAGE_MIB: u64 = 1200;
 const FILE_MIB: u64 = 1024;
 const IO: Duration = Duration::from_secs(400);
-
-/// A `/proc/meminfo` field in KiB.
-fn meminfo_kib(guest: &Guest, field: &str) -> Result<u64> {
-    let out = guest.run(&format!("grep '^{field}:' /proc/meminfo"), CMD)?;
-    out.split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| guest.failure(format!("no {field} in /proc/meminfo: {out}")))
-}
 
 fn rss_mib(guest: &Guest) -> Result<u64> {
     Ok(guest.vmm_rss_kib()? >> 10)
