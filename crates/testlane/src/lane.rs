@@ -202,6 +202,25 @@ const L1_CH_REMOTE: &str = "/usr/local/bin/ch-remote";
 /// Where the nested lane's L1 has `cloud-hypervisor`.
 const L1_CLOUD_HYPERVISOR: &str = "/usr/local/bin/cloud-hypervisor";
 
+/// Where the nested lane's L1 has QEMU, when asked for ([`LaneOptions::qemu`]).
+const L1_QEMU: &str = "/usr/local/bin/qemu-system-x86_64";
+/// The firmware QEMU's `microvm` machine needs to boot a PVH `vmlinux`: SeaBIOS for
+/// microvm and the PVH option ROM. Copied into L1 at the same paths as on the host, where
+/// Debian's QEMU looks for them (its data directory, then SeaBIOS's).
+const QEMU_MICROVM_FIRMWARE: [&str; 2] = [
+    "/usr/share/seabios/bios-microvm.bin",
+    "/usr/share/qemu/pvh.bin",
+];
+
+/// What a lane carries besides tidevm (Cloud Hypervisor and `ch-remote` come whenever they
+/// are found).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LaneOptions {
+    /// QEMU with the firmware of its `microvm` machine, for side-by-side boots: about 60 MB
+    /// more in L1's initrd, so only the benchmarks that use it ask for it.
+    pub qemu: bool,
+}
+
 /// Cloud Hypervisor itself, for side-by-side benchmarks: `TIDEVM_CLOUD_HYPERVISOR`, else
 /// `../shared/anchors-bin/cloud-hypervisor` next to the workspace, if there.
 pub fn cloud_hypervisor_binary() -> Option<PathBuf> {
@@ -237,6 +256,8 @@ pub struct Lane {
     lane_ch_remote: Option<String>,
     /// Cloud Hypervisor as seen from inside the lane, if it was found.
     lane_cloud_hypervisor: Option<String>,
+    /// QEMU as seen from inside the lane, if [`LaneOptions::qemu`] asked for it and it was found.
+    lane_qemu: Option<String>,
     nested: Option<NestedHost>,
     next_guest: AtomicU64,
 }
@@ -244,6 +265,11 @@ pub struct Lane {
 impl Lane {
     /// Starts the lane chosen by [`choose_lane`] for `tidevm_binary`.
     pub fn start(tidevm_binary: &Path) -> Result<Lane> {
+        Lane::start_with(tidevm_binary, LaneOptions::default())
+    }
+
+    /// [`Lane::start`], with what `options` adds.
+    pub fn start_with(tidevm_binary: &Path, options: LaneOptions) -> Result<Lane> {
         let paths = LanePaths::from_env();
         let facts = LaneFacts::probe(&paths);
         let kind = choose_lane(&facts)?;
@@ -279,6 +305,11 @@ impl Lane {
                     lane_work_dir: work_dir.display().to_string(),
                     lane_ch_remote: ch_remote.map(|path| path.display().to_string()),
                     lane_cloud_hypervisor: cloud_hypervisor.map(|path| path.display().to_string()),
+                    lane_qemu: facts
+                        .qemu
+                        .as_ref()
+                        .filter(|_| options.qemu)
+                        .map(|path| path.display().to_string()),
                     paths,
                     run_dir,
                     nested: None,
@@ -300,6 +331,25 @@ tidevm inside it); logs in {} ====",
                 .into_iter()
                 .filter_map(|(at, host)| host.map(|host| (at, host)))
                 .collect();
+                let firmware_present = QEMU_MICROVM_FIRMWARE
+                    .iter()
+                    .all(|file| Path::new(file).is_file());
+                let with_qemu = options.qemu && firmware_present;
+                if options.qemu && !firmware_present {
+                    eprintln!(
+                        "==== no QEMU in this lane: missing firmware {} ====",
+                        QEMU_MICROVM_FIRMWARE.join(" or ")
+                    );
+                }
+                let mut extras = extras;
+                if with_qemu {
+                    extras.push((L1_QEMU, qemu.as_path()));
+                    extras.extend(
+                        QEMU_MICROVM_FIRMWARE
+                            .iter()
+                            .map(|file| (*file, Path::new(file))),
+                    );
+                }
                 let nested = NestedHost::boot(&qemu, &paths, &run_dir, tidevm_binary, &extras)?;
                 eprintln!(
                     "==== L1 test host up after {:.1} s ====",
@@ -311,6 +361,7 @@ tidevm inside it); logs in {} ====",
                     lane_work_dir: "/run/tidevm-lane".into(),
                     lane_ch_remote: ch_remote.map(|_| L1_CH_REMOTE.to_owned()),
                     lane_cloud_hypervisor: cloud_hypervisor.map(|_| L1_CLOUD_HYPERVISOR.to_owned()),
+                    lane_qemu: with_qemu.then(|| L1_QEMU.to_owned()),
                     paths,
                     run_dir,
                     nested: Some(nested),
@@ -394,6 +445,11 @@ tidevm inside it); logs in {} ====",
     /// [`cloud_hypervisor_binary`]).
     pub fn lane_cloud_hypervisor(&self) -> Option<&str> {
         self.lane_cloud_hypervisor.as_deref()
+    }
+    /// Path of QEMU as seen from inside the lane, if the lane was started with
+    /// [`LaneOptions::qemu`] and has it.
+    pub fn lane_qemu(&self) -> Option<&str> {
+        self.lane_qemu.as_deref()
     }
     pub(crate) fn lane_work_dir(&self) -> &str {
         &self.lane_work_dir

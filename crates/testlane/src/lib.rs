@@ -30,7 +30,7 @@ pub use error::{LaneError, Result};
 pub use guest::{Guest, GuestOptions, L1Thp, GUEST_PROMPT, GUEST_READY, TRIPLE_FAULT};
 pub use lane::{
     ch_remote_binary, choose_lane, cloud_hypervisor_binary, tidevm_binary, workspace_root, Lane,
-    LaneFacts, LaneKind, LanePaths,
+    LaneFacts, LaneKind, LaneOptions, LanePaths,
 };
 
 /// Starts a lane for the tidevm binary found by [`tidevm_binary`], or prints

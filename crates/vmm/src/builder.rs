@@ -330,6 +330,7 @@ pub fn build_vm(
     vcpu_exits: &Arc<VcpuExits>,
     events: &Arc<EventBus>,
 ) -> Result<RunningVm, BuildError> {
+    let started = std::time::Instant::now();
     let vm_fd = Arc::new(vm::create_vm(kvm)?);
     let layout = GuestLayout::new(config.memory.size);
     let mut memory = MemoryManager::new(layout.clone())?;
@@ -439,6 +440,7 @@ pub fn build_vm(
         numa: numa_nodes(config, &layout),
     };
     let rsdp = acpi::write_acpi_tables(memory.guest_memory(), &acpi_config)?;
+    let devices_ready = started.elapsed();
     regs::write_boot_gdt(memory.guest_memory())?;
     regs::write_reset_stub(memory.guest_memory())?;
     let boot_info = boot::load_pvh_kernel(
@@ -449,6 +451,7 @@ pub fn build_vm(
         &config.cmdline,
         rsdp,
     )?;
+    let kernel_loaded = started.elapsed();
 
     let vcpu_fds = create_vcpus(kvm, &vm_fd, config.cpus, boot_info)?;
     let stop = Arc::new(AtomicBool::new(false));
@@ -465,6 +468,16 @@ pub fn build_vm(
         };
         vcpus.push(VcpuThread::spawn(fd, ctx).map_err(BuildError::Thread)?);
     }
+    // Where a boot's host-side time goes (in the nested lane the kernel load is most of it:
+    // every page it fills is first zeroed by the host).
+    tracing::debug!(
+        "VM built in {:.1} ms: VM, memory, devices and ACPI {:.1} ms, kernel and initramfs \
+         {:.1} ms, vCPUs {:.1} ms",
+        started.elapsed().as_secs_f64() * 1e3,
+        devices_ready.as_secs_f64() * 1e3,
+        (kernel_loaded - devices_ready).as_secs_f64() * 1e3,
+        (started.elapsed() - kernel_loaded).as_secs_f64() * 1e3,
+    );
     let settings = MemorySettings::of(config);
     let memory = MemoryService::new(
         MemoryDevices {

@@ -16,7 +16,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tidevm_testlane::text::shell_quote;
-use tidevm_testlane::{Guest, GuestOptions, Lane, LaneError, LaneKind, GUEST_READY};
+use tidevm_testlane::{Guest, GuestOptions, Lane, LaneError, LaneKind, LaneOptions, GUEST_READY};
 
 /// Options of `tidevm bench`.
 #[derive(Debug, Args)]
@@ -83,7 +83,10 @@ struct BootArgs {
 /// Runs a benchmark; returns 0 when every run succeeded.
 pub fn bench(args: BenchArgs) -> anyhow::Result<u8> {
     let exe = std::env::current_exe().context("cannot find the tidevm binary")?;
-    let lane = match Lane::start(&exe) {
+    let options = LaneOptions {
+        qemu: matches!(&args.command, BenchCommand::BootVsCh(vs) if vs.qemu),
+    };
+    let lane = match Lane::start_with(&exe, options) {
         Ok(lane) => lane,
         Err(LaneError::Skip(reason)) => {
             anyhow::bail!("no test lane can run a real guest on this machine: {reason}")

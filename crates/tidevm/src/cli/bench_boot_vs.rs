@@ -1,9 +1,10 @@
-//! `tidevm bench boot-vs-ch`: tidevm and Cloud Hypervisor boot the same guest (kernel,
-//! initramfs, command line, 1 vCPU, 512 MiB) one after the other in the same lane, run after
-//! run, and the report gives each one's time from process start to the guest's first console
-//! output and to its ready marker, and tidevm's time as a fraction of Cloud Hypervisor's.
+//! `tidevm bench boot-vs-ch`: tidevm and Cloud Hypervisor (and, with `--qemu`, QEMU's
+//! `microvm` machine) boot the same guest (kernel, initramfs, command line, 1 vCPU, 512 MiB)
+//! one after the other in the same lane, run after run, in a rotating order, and the report
+//! gives each one's time from process start to the guest's first console output and to its
+//! ready marker, and tidevm's time as a fraction of each other's.
 //!
-//! Both are measured the same way, inside the lane: a shell loop notes the lane's uptime when
+//! All are measured the same way, inside the lane: a shell loop notes the lane's uptime when
 //! it starts the VMM, when the serial log file first has bytes and when the ready marker is
 //! in it (polling every 50 ms, so each figure is good to about 0.05 s). The VMM is killed as
 //! soon as the marker is seen.
@@ -24,17 +25,45 @@ pub struct BootVsArgs {
     /// Kernel command line for both.
     #[arg(long, default_value = "console=ttyS0")]
     pub(super) cmdline: String,
+    /// Boot the guest in QEMU's `microvm` machine too (the lane's QEMU, copied into L1 in the
+    /// nested lane), with tidevm/QEMU ratios.
+    #[arg(long)]
+    pub(super) qemu: bool,
+    /// Keep each boot's serial console log in this host directory (`tidevm-RUN.log`,
+    /// `ch-RUN.log`, `qemu-RUN.log`), to compare the guests' own timelines.
+    #[arg(long, value_name = "DIR")]
+    pub(super) keep_consoles: Option<std::path::PathBuf>,
 }
 
-/// (first output, ready) seconds after the VMM process started.
-fn time_boot(lane: &Lane, command: &str, console: &str) -> Result<(f64, f64), String> {
+/// Why a run failed: the lane itself stopped answering (the nested lane's L1 can wedge, with
+/// any VMM inside; nothing more can run in it), or one boot went wrong.
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    #[error("the lane stopped answering: {0}")]
+    LaneStopped(String),
+    #[error("{0}")]
+    Boot(String),
+}
+
+/// What one boot gave: seconds from the VMM's start to the first console output and to the
+/// ready marker, and the console log itself.
+struct BootTimes {
+    first_output: f64,
+    ready: f64,
+    console: String,
+}
+
+/// The line between the times and the console log in the lane script's output.
+const CONSOLE_FOLLOWS: &str = "==== console log ====";
+
+fn time_boot(lane: &Lane, command: &str, console: &str) -> Result<BootTimes, RunError> {
     let script = format!(
         "c={console}; rm -f $c; : > $c.started\n\
          start=$(cut -d' ' -f1 /proc/uptime)\n\
          {command} > $c.vmm 2>&1 &\n\
          pid=$!\n\
          first=; ready=; i=0\n\
-         while [ $i -lt 2400 ]; do\n\
+         while [ $i -lt 1200 ]; do\n\
            now=$(cut -d' ' -f1 /proc/uptime)\n\
            if [ -z \"$first\" ] && [ -s $c ]; then first=$now; fi\n\
            if [ -s $c ] && grep -q {marker} $c; then ready=$now; break; fi\n\
@@ -42,98 +71,184 @@ fn time_boot(lane: &Lane, command: &str, console: &str) -> Result<(f64, f64), St
          done\n\
          kill -9 $pid 2>/dev/null; wait $pid 2>/dev/null\n\
          if [ -z \"$ready\" ]; then echo 'no ready marker:'; tail -5 $c $c.vmm; exit 1; fi\n\
-         echo \"boot-times $start $first $ready\"\n",
+         echo \"boot-times $start $first $ready\"\n\
+         echo {console_follows}; cat $c\n",
+        console_follows = shell_quote(CONSOLE_FOLLOWS),
         console = shell_quote(console),
         marker = GUEST_READY,
     );
+    // A boot takes under 20 s in the nested lane and the script gives up after 1200 polls;
+    // past this the lane itself is stuck.
     let (rc, output) = lane
-        .sh(
-            &script,
-            lane.scaled(Duration::from_secs(60))
-                .max(Duration::from_secs(240)),
-        )
-        .map_err(|e| one_line(&e))?;
+        .sh(&script, Duration::from_secs(300))
+        .map_err(|e| RunError::LaneStopped(one_line(&e)))?;
     if rc != 0 {
-        return Err(format!("boot failed: {}", output.trim()));
+        return Err(RunError::Boot(format!("boot failed: {}", output.trim())));
     }
     let line = output
         .lines()
         .find(|l| l.starts_with("boot-times "))
-        .ok_or_else(|| format!("no times in {output:?}"))?;
+        .ok_or_else(|| RunError::Boot(format!("no times in {output:?}")))?;
     let times: Vec<f64> = line
         .split_whitespace()
         .skip(1)
         .filter_map(|w| w.parse().ok())
         .collect();
+    let console = output
+        .split_once(CONSOLE_FOLLOWS)
+        .map(|(_, log)| log.trim_start_matches('\n').to_owned())
+        .unwrap_or_default();
     match times.as_slice() {
-        [start, first, ready] => Ok((first - start, ready - start)),
-        _ => Err(format!("bad times line {line:?}")),
+        [start, first, ready] => Ok(BootTimes {
+            first_output: first - start,
+            ready: ready - start,
+            console,
+        }),
+        _ => Err(RunError::Boot(format!("bad times line {line:?}"))),
     }
 }
 
-fn one_run(lane: &Lane, args: &BootVsArgs, ch: &str, run: u32) -> Result<Vec<Metric>, String> {
+/// One VMM under comparison: how the report names it and how it boots the guest.
+struct Contender {
+    /// File-name and key prefix: `tidevm`, `ch`, `qemu`.
+    name: &'static str,
+    /// The command line that boots the guest with its serial console in `console`.
+    command: String,
+    console: String,
+}
+
+/// The metrics one contender's boot adds, as (key, label) pairs: first output, ready.
+fn labels(name: &str) -> [(&'static str, &'static str); 2] {
+    match name {
+        "tidevm" => [
+            ("tidevm_first", "tidevm: start to first output"),
+            ("tidevm_ready", "tidevm: start to ready marker"),
+        ],
+        "ch" => [
+            ("ch_first", "CH: start to first output"),
+            ("ch_ready", "CH: start to ready marker"),
+        ],
+        _ => [
+            ("qemu_first", "QEMU microvm: start to first output"),
+            ("qemu_ready", "QEMU microvm: start to ready marker"),
+        ],
+    }
+}
+
+fn one_run(
+    lane: &Lane,
+    args: &BootVsArgs,
+    ch: &str,
+    qemu: Option<&str>,
+    run: u32,
+) -> Result<Vec<Metric>, RunError> {
     let dir = "/run/tidevm-lane/boot-vs";
     lane.sh(&format!("mkdir -p {dir}"), Duration::from_secs(60))
-        .map_err(|e| one_line(&e))?;
+        .map_err(|e| RunError::LaneStopped(one_line(&e)))?;
     let kernel = "/guest/vmlinux";
     let initramfs = "/guest/initramfs.cpio.gz";
     let cmdline = shell_quote(&args.cmdline);
-    let tidevm_console = format!("{dir}/tidevm-{run}.log");
-    let tidevm = format!(
-        "{} run --kernel {kernel} --initramfs {initramfs} --cmdline {cmdline} --cpus 1 \
-         --memory size=512M --serial file={}",
-        shell_quote(lane.lane_tidevm()),
-        shell_quote(&tidevm_console)
-    );
-    let ch_console = format!("{dir}/ch-{run}.log");
-    let cloud_hypervisor = format!(
-        "{} --kernel {kernel} --initramfs {initramfs} --cmdline {cmdline} --cpus boot=1 \
-         --memory size=512M --serial file={} --console off",
-        shell_quote(ch),
-        shell_quote(&ch_console)
-    );
-    // Alternate who goes first, so that neither always boots into a warmer L1.
-    let (t, c) = if run % 2 == 1 {
-        let t = time_boot(lane, &tidevm, &tidevm_console)?;
-        (t, time_boot(lane, &cloud_hypervisor, &ch_console)?)
-    } else {
-        let c = time_boot(lane, &cloud_hypervisor, &ch_console)?;
-        (time_boot(lane, &tidevm, &tidevm_console)?, c)
-    };
+    let console = |name: &str| format!("{dir}/{name}-{run}.log");
+    let mut contenders = vec![
+        Contender {
+            name: "tidevm",
+            command: format!(
+                "{} run --kernel {kernel} --initramfs {initramfs} --cmdline {cmdline} --cpus 1 \
+                 --memory size=512M --serial file={}",
+                shell_quote(lane.lane_tidevm()),
+                shell_quote(&console("tidevm"))
+            ),
+            console: console("tidevm"),
+        },
+        Contender {
+            name: "ch",
+            command: format!(
+                "{} --kernel {kernel} --initramfs {initramfs} --cmdline {cmdline} --cpus boot=1 \
+                 --memory size=512M --serial file={} --console off",
+                shell_quote(ch),
+                shell_quote(&console("ch"))
+            ),
+            console: console("ch"),
+        },
+    ];
+    if let Some(qemu) = qemu {
+        // QEMU's minimal machine, the closest to the other two: no PCI devices, no
+        // network, the same PVH vmlinux and initramfs.
+        contenders.push(Contender {
+            name: "qemu",
+            command: format!(
+                "{} -M microvm -accel kvm -cpu host -smp 1 -m 512M -no-user-config \
+                 -display none -nic none -serial file:{} -kernel {kernel} -initrd {initramfs} \
+                 -append {cmdline}",
+                shell_quote(qemu),
+                shell_quote(&console("qemu"))
+            ),
+            console: console("qemu"),
+        });
+    }
+    // Rotate who goes first, so that none always boots into a warmer L1.
+    let first = (run as usize) % contenders.len();
+    contenders.rotate_left(first);
+    let mut times = Vec::with_capacity(contenders.len());
+    for contender in &contenders {
+        times.push((
+            contender.name,
+            time_boot(lane, &contender.command, &contender.console)?,
+        ));
+    }
+    times.sort_by_key(|(name, _)| ["tidevm", "ch", "qemu"].iter().position(|n| n == name));
+    if let Some(dir) = &args.keep_consoles {
+        for (name, boot) in &times {
+            let path = dir.join(format!("{name}-{run}.log"));
+            std::fs::create_dir_all(dir)
+                .and_then(|()| std::fs::write(&path, &boot.console))
+                .map_err(|e| RunError::Boot(format!("{}: {e}", path.display())))?;
+        }
+    }
     let m = |key, label, unit, value| Metric {
         key,
         label,
         unit,
         value,
     };
-    Ok(vec![
-        m(
-            "tidevm_first",
-            "tidevm: start to first output",
-            Unit::Seconds,
-            t.0,
-        ),
-        m("ch_first", "CH: start to first output", Unit::Seconds, c.0),
-        m(
-            "ratio_first",
-            "tidevm / CH, first output",
-            Unit::Ratio,
-            t.0 / c.0,
-        ),
-        m(
-            "tidevm_ready",
-            "tidevm: start to ready marker",
-            Unit::Seconds,
-            t.1,
-        ),
-        m("ch_ready", "CH: start to ready marker", Unit::Seconds, c.1),
-        m(
-            "ratio_ready",
-            "tidevm / CH, ready marker",
-            Unit::Ratio,
-            t.1 / c.1,
-        ),
-    ])
+    let mut metrics = Vec::new();
+    for (name, boot) in &times {
+        let [(first_key, first_label), (ready_key, ready_label)] = labels(name);
+        metrics.push(m(first_key, first_label, Unit::Seconds, boot.first_output));
+        metrics.push(m(ready_key, ready_label, Unit::Seconds, boot.ready));
+    }
+    let tidevm = &times[0].1;
+    for (name, boot) in &times[1..] {
+        let ratios: [(&'static str, &'static str, f64); 2] = if *name == "ch" {
+            [
+                (
+                    "ratio_first",
+                    "tidevm / CH, first output",
+                    tidevm.first_output / boot.first_output,
+                ),
+                (
+                    "ratio_ready",
+                    "tidevm / CH, ready marker",
+                    tidevm.ready / boot.ready,
+                ),
+            ]
+        } else {
+            [
+                (
+                    "ratio_first_qemu",
+                    "tidevm / QEMU, first output",
+                    tidevm.first_output / boot.first_output,
+                ),
+                (
+                    "ratio_ready_qemu",
+                    "tidevm / QEMU, ready marker",
+                    tidevm.ready / boot.ready,
+                ),
+            ]
+        };
+        metrics.extend(ratios.map(|(key, label, value)| m(key, label, Unit::Ratio, value)));
+    }
+    Ok(metrics)
 }
 
 /// Boots both `runs` times, interleaved.
@@ -145,26 +260,43 @@ pub(super) fn run(lane: &Lane, args: &BootVsArgs) -> Vec<RunRecord> {
              TIDEVM_CLOUD_HYPERVISOR)",
         );
     };
-    (1..=args.common.runs)
-        .map(|run| {
-            eprintln!("==== bench boot-vs-ch: run {run}/{} ====", args.common.runs);
-            let result = one_run(lane, args, &ch, run);
-            match &result {
-                // Each run's figures as they come: a lane that wedges later keeps them.
-                Ok(metrics) => eprintln!(
-                    "bench boot-vs-ch: run {run}: {}",
-                    metrics
-                        .iter()
-                        .map(|m| format!("{} {:.3}", m.key, m.value))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                Err(e) => eprintln!("bench boot-vs-ch: run {run} failed: {e}"),
-            }
-            RunRecord {
-                result,
-                notes: Vec::new(),
-            }
-        })
-        .collect()
+    let qemu = lane.lane_qemu();
+    if args.qemu && qemu.is_none() {
+        return super::bench::failed_runs(
+            args.common.runs,
+            "--qemu: the lane has no QEMU with the microvm firmware (bios-microvm.bin, pvh.bin)",
+        );
+    }
+    let mut records = Vec::new();
+    for run in 1..=args.common.runs {
+        eprintln!("==== bench boot-vs-ch: run {run}/{} ====", args.common.runs);
+        let result = one_run(lane, args, &ch, qemu, run);
+        match &result {
+            // Each run's figures as they come: a lane that wedges later keeps them.
+            Ok(metrics) => eprintln!(
+                "bench boot-vs-ch: run {run}: {}",
+                metrics
+                    .iter()
+                    .map(|m| format!("{} {:.3}", m.key, m.value))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            Err(e) => eprintln!("bench boot-vs-ch: run {run} failed: {e}"),
+        }
+        let lane_stopped = matches!(result, Err(RunError::LaneStopped(_)));
+        records.push(RunRecord {
+            result: result.map_err(|e| e.to_string()),
+            notes: Vec::new(),
+        });
+        if lane_stopped {
+            // Nothing more can run in a stuck lane; the runs so far still count.
+            let left = args.common.runs - run;
+            records.extend(super::bench::failed_runs(
+                left,
+                &format!("not run: the lane stopped answering in run {run}"),
+            ));
+            break;
+        }
+    }
+    records
 }
