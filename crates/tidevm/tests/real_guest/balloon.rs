@@ -5,7 +5,7 @@ use std::time::Duration;
 use tidevm_api::BalloonInfo;
 use tidevm_testlane::{Guest, GuestOptions, L1Thp, Lane, LaneKind, Result};
 
-use crate::foundation::{check, mem_total_kib, memtouch, BOOT, CMD};
+use crate::foundation::{check, mem_total_kib, memtouch, rss_mib, BOOT, CMD};
 use crate::virtio_mem::finish;
 use crate::Scenario;
 
@@ -199,10 +199,6 @@ fn deflate_on_oom(lane: &Lane) -> Result<()> {
         ),
     )?;
     finish(&guest)
-}
-
-fn rss_mib(guest: &Guest) -> Result<i64> {
-    Ok(guest.vmm_rss_kib()? as i64 / 1024)
 }
 
 /// The case: a 2 GiB guest uses and frees 1.5 GiB; inflating the balloon to leave it

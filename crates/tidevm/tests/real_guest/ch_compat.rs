@@ -6,7 +6,7 @@ use std::time::Duration;
 use tidevm_testlane::text::shell_quote;
 use tidevm_testlane::{Guest, GuestOptions, L1Thp, Lane, Result};
 
-use crate::foundation::{check, mem_total_kib, memtouch, BOOT};
+use crate::foundation::{check, mem_total_kib, memtouch, rss_mib, BOOT};
 use crate::virtio_mem::{finish, wait_mem_total};
 use crate::Scenario;
 
@@ -53,10 +53,6 @@ fn wait_settled(guest: &Guest, what: &str) -> Result<()> {
         .unwrap_or("");
     eprintln!("{what}: {last}");
     Ok(())
-}
-
-fn rss_mib(guest: &Guest) -> Result<i64> {
-    Ok(guest.vmm_rss_kib()? as i64 / 1024)
 }
 
 fn measure(guest: &Guest, step: &str) -> Result<(u64, i64)> {

@@ -36,6 +36,11 @@ pub fn memtouch(guest: &Guest, mib: u64, timeout: Duration, what: &str) -> Resul
     Ok(touched)
 }
 
+/// tidevm's resident memory on the host, in MiB (signed, for the differences tests take).
+pub fn rss_mib(guest: &Guest) -> Result<i64> {
+    Ok(guest.vmm_rss_kib()? as i64 / 1024)
+}
+
 pub fn mem_total_kib(guest: &Guest) -> Result<u64> {
     meminfo_kib(guest, "MemTotal")
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
-use crate::foundation::{check, mem_total_kib, memtouch, BOOT, CMD};
+use crate::foundation::{check, mem_total_kib, memtouch, rss_mib, BOOT, CMD};
 use crate::Scenario;
 
 pub const SCENARIOS: &[(&str, Scenario)] = &[
@@ -69,10 +69,6 @@ pub fn resize(guest: &Guest, id: &str, size: &str) -> Result<String> {
         format!("resize-mem {id} {size} failed ({rc}): {out}"),
     )?;
     Ok(out)
-}
-
-fn rss_mib(guest: &Guest) -> Result<i64> {
-    Ok(guest.vmm_rss_kib()? as i64 / 1024)
 }
 
 fn plugged_bytes(guest: &Guest, id: &str) -> Result<u64> {
