@@ -324,7 +324,7 @@ tidevm inside it); logs in {} ====",
                 );
                 let qemu = facts.qemu.clone().expect("choose_lane checked QEMU");
                 let started = Instant::now();
-                let extras: Vec<(&str, &Path)> = [
+                let mut extras: Vec<(&str, &Path)> = [
                     (L1_CH_REMOTE, ch_remote.as_deref()),
                     (L1_CLOUD_HYPERVISOR, cloud_hypervisor.as_deref()),
                 ]
@@ -341,7 +341,6 @@ tidevm inside it); logs in {} ====",
                         QEMU_MICROVM_FIRMWARE.join(" or ")
                     );
                 }
-                let mut extras = extras;
                 if with_qemu {
                     extras.push((L1_QEMU, qemu.as_path()));
                     extras.extend(

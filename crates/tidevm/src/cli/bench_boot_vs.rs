@@ -108,31 +108,20 @@ fn time_boot(lane: &Lane, command: &str, console: &str) -> Result<BootTimes, Run
     }
 }
 
-/// One VMM under comparison: how the report names it and how it boots the guest.
+/// A metric's stable key and its label in the table.
+type Named = (&'static str, &'static str);
+
+/// One VMM under comparison: how it boots the guest and how the report names its figures.
 struct Contender {
-    /// File-name and key prefix: `tidevm`, `ch`, `qemu`.
+    /// File-name prefix of its console log: `tidevm`, `ch`, `qemu`.
     name: &'static str,
     /// The command line that boots the guest with its serial console in `console`.
     command: String,
     console: String,
-}
-
-/// The metrics one contender's boot adds, as (key, label) pairs: first output, ready.
-fn labels(name: &str) -> [(&'static str, &'static str); 2] {
-    match name {
-        "tidevm" => [
-            ("tidevm_first", "tidevm: start to first output"),
-            ("tidevm_ready", "tidevm: start to ready marker"),
-        ],
-        "ch" => [
-            ("ch_first", "CH: start to first output"),
-            ("ch_ready", "CH: start to ready marker"),
-        ],
-        _ => [
-            ("qemu_first", "QEMU microvm: start to first output"),
-            ("qemu_ready", "QEMU microvm: start to ready marker"),
-        ],
-    }
+    /// Its start-to-first-output and start-to-ready metrics.
+    times: [Named; 2],
+    /// tidevm's time as a fraction of this one's, for the same two (none for tidevm itself).
+    ratios: Option<[Named; 2]>,
 }
 
 fn one_run(
@@ -149,6 +138,7 @@ fn one_run(
     let initramfs = "/guest/initramfs.cpio.gz";
     let cmdline = shell_quote(&args.cmdline);
     let console = |name: &str| format!("{dir}/{name}-{run}.log");
+    // tidevm first: the ratios divide by the others' times.
     let mut contenders = vec![
         Contender {
             name: "tidevm",
@@ -159,6 +149,11 @@ fn one_run(
                 shell_quote(&console("tidevm"))
             ),
             console: console("tidevm"),
+            times: [
+                ("tidevm_first", "tidevm: start to first output"),
+                ("tidevm_ready", "tidevm: start to ready marker"),
+            ],
+            ratios: None,
         },
         Contender {
             name: "ch",
@@ -169,6 +164,14 @@ fn one_run(
                 shell_quote(&console("ch"))
             ),
             console: console("ch"),
+            times: [
+                ("ch_first", "CH: start to first output"),
+                ("ch_ready", "CH: start to ready marker"),
+            ],
+            ratios: Some([
+                ("ratio_first", "tidevm / CH, first output"),
+                ("ratio_ready", "tidevm / CH, ready marker"),
+            ]),
         },
     ];
     if let Some(qemu) = qemu {
@@ -184,69 +187,54 @@ fn one_run(
                 shell_quote(&console("qemu"))
             ),
             console: console("qemu"),
+            times: [
+                ("qemu_first", "QEMU microvm: start to first output"),
+                ("qemu_ready", "QEMU microvm: start to ready marker"),
+            ],
+            ratios: Some([
+                ("ratio_first_qemu", "tidevm / QEMU, first output"),
+                ("ratio_ready_qemu", "tidevm / QEMU, ready marker"),
+            ]),
         });
     }
     // Rotate who goes first, so that none always boots into a warmer L1.
-    let first = (run as usize) % contenders.len();
-    contenders.rotate_left(first);
-    let mut times = Vec::with_capacity(contenders.len());
-    for contender in &contenders {
-        times.push((
-            contender.name,
-            time_boot(lane, &contender.command, &contender.console)?,
-        ));
+    let count = contenders.len();
+    let mut boots: Vec<Option<BootTimes>> = (0..count).map(|_| None).collect();
+    for index in (0..count).cycle().skip(run as usize % count).take(count) {
+        let contender = &contenders[index];
+        boots[index] = Some(time_boot(lane, &contender.command, &contender.console)?);
     }
-    times.sort_by_key(|(name, _)| ["tidevm", "ch", "qemu"].iter().position(|n| n == name));
+    let boots: Vec<BootTimes> = boots.into_iter().flatten().collect();
     if let Some(dir) = &args.keep_consoles {
-        for (name, boot) in &times {
-            let path = dir.join(format!("{name}-{run}.log"));
+        for (contender, boot) in contenders.iter().zip(&boots) {
+            let path = dir.join(format!("{}-{run}.log", contender.name));
             std::fs::create_dir_all(dir)
                 .and_then(|()| std::fs::write(&path, &boot.console))
                 .map_err(|e| RunError::Boot(format!("{}: {e}", path.display())))?;
         }
     }
-    let m = |key, label, unit, value| Metric {
+    let m = |(key, label): Named, unit, value| Metric {
         key,
         label,
         unit,
         value,
     };
+    let tidevm = &boots[0];
     let mut metrics = Vec::new();
-    for (name, boot) in &times {
-        let [(first_key, first_label), (ready_key, ready_label)] = labels(name);
-        metrics.push(m(first_key, first_label, Unit::Seconds, boot.first_output));
-        metrics.push(m(ready_key, ready_label, Unit::Seconds, boot.ready));
+    for (contender, boot) in contenders.iter().zip(&boots) {
+        let [first, ready] = contender.times;
+        metrics.push(m(first, Unit::Seconds, boot.first_output));
+        metrics.push(m(ready, Unit::Seconds, boot.ready));
     }
-    let tidevm = &times[0].1;
-    for (name, boot) in &times[1..] {
-        let ratios: [(&'static str, &'static str, f64); 2] = if *name == "ch" {
-            [
-                (
-                    "ratio_first",
-                    "tidevm / CH, first output",
-                    tidevm.first_output / boot.first_output,
-                ),
-                (
-                    "ratio_ready",
-                    "tidevm / CH, ready marker",
-                    tidevm.ready / boot.ready,
-                ),
-            ]
-        } else {
-            [
-                (
-                    "ratio_first_qemu",
-                    "tidevm / QEMU, first output",
-                    tidevm.first_output / boot.first_output,
-                ),
-                (
-                    "ratio_ready_qemu",
-                    "tidevm / QEMU, ready marker",
-                    tidevm.ready / boot.ready,
-                ),
-            ]
-        };
-        metrics.extend(ratios.map(|(key, label, value)| m(key, label, Unit::Ratio, value)));
+    for (contender, boot) in contenders.iter().zip(&boots) {
+        if let Some([first, ready]) = contender.ratios {
+            metrics.push(m(
+                first,
+                Unit::Ratio,
+                tidevm.first_output / boot.first_output,
+            ));
+            metrics.push(m(ready, Unit::Ratio, tidevm.ready / boot.ready));
+        }
     }
     Ok(metrics)
 }
