@@ -1,19 +1,16 @@
-//! A writer for "newc" cpio archives, the format the Linux kernel unpacks
+//! "newc" cpio archives, the format the Linux kernel unpacks
 //! into its initramfs. The nested lane appends one such archive (tidevm and
 //! its shared libraries) to the cached base image of L1.
 
 use std::collections::BTreeSet;
 use std::io::{self, Write};
 
-const NEWC_MAGIC: &str = "070701";
-const MODE_DIRECTORY: u32 = 0o040_000;
-const MODE_REGULAR: u32 = 0o100_000;
+use cpio::newc::{self, ModeFileType};
 
-/// Builds an archive in memory. Parent directories of every file are added
+/// Builds an archive with the `cpio` crate. Parent directories of every file are added
 /// on the way, so the kernel can create the file wherever it goes.
 pub struct CpioWriter<W: Write> {
     out: W,
-    written: u64,
     next_inode: u32,
     directories: BTreeSet<String>,
 }
@@ -22,7 +19,6 @@ impl<W: Write> CpioWriter<W> {
     pub fn new(out: W) -> Self {
         CpioWriter {
             out,
-            written: 0,
             // Far above the inode numbers GNU cpio gives the base archive;
             // the kernel uses them only to detect hard links within one
             // archive, but distinct numbers cost nothing.
@@ -43,55 +39,39 @@ impl<W: Write> CpioWriter<W> {
             parent.push_str(component);
             if self.directories.insert(parent.clone()) {
                 let directory = parent.clone();
-                self.entry(&directory, MODE_DIRECTORY | 0o755, 2, &[])?;
+                self.entry(&directory, ModeFileType::Directory, 0o755, 2, &[])?;
             }
         }
-        self.entry(path, MODE_REGULAR | (mode & 0o7777), 1, data)
+        self.entry(path, ModeFileType::Regular, mode & 0o7777, 1, data)
     }
 
     /// Writes the trailer and returns the underlying writer.
-    pub fn finish(mut self) -> io::Result<W> {
-        self.entry("TRAILER!!!", 0, 1, &[])?;
-        Ok(self.out)
+    pub fn finish(self) -> io::Result<W> {
+        newc::trailer(self.out)
     }
 
-    fn entry(&mut self, name: &str, mode: u32, links: u32, data: &[u8]) -> io::Result<()> {
-        let name_size = name.len() + 1;
-        let inode = self.next_inode;
-        self.next_inode += 1;
+    fn entry(
+        &mut self,
+        name: &str,
+        kind: ModeFileType,
+        permissions: u32,
+        links: u32,
+        data: &[u8],
+    ) -> io::Result<()> {
         let file_size = u32::try_from(data.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file over 4 GiB"))?;
-        let header = format!(
-            "{NEWC_MAGIC}{inode:08X}{mode:08X}{uid:08X}{gid:08X}{links:08X}{mtime:08X}\
-{file_size:08X}{dev_major:08X}{dev_minor:08X}{rdev_major:08X}{rdev_minor:08X}\
-{name_size:08X}{check:08X}",
-            uid = 0,
-            gid = 0,
-            mtime = 0,
-            dev_major = 0,
-            dev_minor = 0,
-            rdev_major = 0,
-            rdev_minor = 0,
-            check = 0,
-        );
-        self.write(header.as_bytes())?;
-        self.write(name.as_bytes())?;
-        self.write(&[0])?;
-        self.pad()?;
-        self.write(data)?;
-        self.pad()
-    }
-
-    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.out.write_all(bytes)?;
-        self.written += bytes.len() as u64;
+        let inode = self.next_inode;
+        self.next_inode += 1;
+        // The writer borrows `out` for one entry and pads it to 4 bytes on finish.
+        let mut entry = newc::Builder::new(name)
+            .ino(inode)
+            .mode(permissions)
+            .set_mode_file_type(kind)
+            .nlink(links)
+            .write(&mut self.out, file_size);
+        entry.write_all(data)?;
+        entry.finish()?;
         Ok(())
-    }
-
-    /// newc aligns both the name and the data to 4 bytes.
-    fn pad(&mut self) -> io::Result<()> {
-        let padding = (4 - (self.written % 4) as usize) % 4;
-        self.write(&[0u8; 3][..padding])
     }
 }
 
@@ -108,7 +88,7 @@ mod tests {
         let archive = writer.finish().unwrap();
         assert_eq!(archive.len() % 4, 0);
         let text = String::from_utf8_lossy(&archive);
-        assert_eq!(text.matches(NEWC_MAGIC).count(), 5); // usr, usr/local, usr/local/bin, x, trailer
+        assert_eq!(text.matches("070701").count(), 5); // usr, usr/local, usr/local/bin, x, trailer
         let usr = text.find("usr\0").unwrap();
         let file = text.find("usr/local/bin/x\0").unwrap();
         assert!(usr < file);
@@ -117,8 +97,40 @@ mod tests {
         // The file's header: regular file 0755, size 5.
         let header_start = file - 110;
         let header = &text[header_start..file];
-        assert!(header.starts_with(NEWC_MAGIC));
-        assert_eq!(&header[14..22], "000081ED");
+        assert!(header.starts_with("070701"));
+        assert_eq!(&header[14..22].to_ascii_uppercase(), "000081ED");
         assert_eq!(&header[54..62], "00000005");
+    }
+
+    #[test]
+    fn reads_back_with_a_cpio_reader() {
+        let mut writer = CpioWriter::new(Vec::new());
+        writer.add_file("opt/a/one", 0o644, b"first").unwrap();
+        writer.add_file("opt/a/two", 0o755, b"second!").unwrap();
+        let archive = writer.finish().unwrap();
+        let mut input = &archive[..];
+        let mut seen = Vec::new();
+        loop {
+            let mut reader = newc::Reader::new(input).unwrap();
+            if reader.entry().is_trailer() {
+                break;
+            }
+            let entry = reader.entry();
+            let (name, mode) = (entry.name().to_string(), entry.mode());
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut reader, &mut data).unwrap();
+            seen.push((name, mode, String::from_utf8(data).unwrap()));
+            input = reader.finish().unwrap();
+        }
+        let expect = |name: &str, mode: u32, data: &str| (name.to_string(), mode, data.to_string());
+        assert_eq!(
+            seen,
+            vec![
+                expect("opt", 0o040_755, ""),
+                expect("opt/a", 0o040_755, ""),
+                expect("opt/a/one", 0o100_644, "first"),
+                expect("opt/a/two", 0o100_755, "second!"),
+            ]
+        );
     }
 }
