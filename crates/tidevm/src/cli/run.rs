@@ -79,8 +79,9 @@ pub struct RunArgs {
     /// The autopilot's policy: auto,min=SIZE,max=SIZE[,floor=256M][,headroom=256M]
     /// [,growth-margin=512M][,band=256M][,interval=2s][,shrink-step=256M][,shrink-hold=30s]
     /// [,pressure-step=1G][,psi-some=10][,psi-full=5][,host-low=512M][,fault-rate=1000].
-    /// Needs --balloon statistics at least once per interval. Checked only for now: no
-    /// resize follows from it yet.
+    /// Turns the memory autopilot on: every interval it reads the balloon's statistics (so
+    /// it needs --balloon statistics at least once per interval) and the host's pressure,
+    /// and sets the guest's total memory between min and max, as `PUT /vm/memory` would.
     #[arg(long)]
     memory_policy: Option<String>,
 }
