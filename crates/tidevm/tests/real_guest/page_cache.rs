@@ -160,11 +160,7 @@ fn scenario(lane: &Lane) -> Result<()> {
     )?;
     let started = Instant::now();
     guest.run("echo 3 > /proc/sys/vm/drop_caches", CMD)?;
-    let rss_dropped = rss_falls_to(
-        &guest,
-        rss_again - 700,
-        Duration::from_secs(120),
-    )?;
+    let rss_dropped = rss_falls_to(&guest, rss_again - 700, Duration::from_secs(120))?;
     let report_s = started.elapsed().as_secs_f64();
     let cached_dropped = meminfo_kib(&guest, "Cached")? >> 10;
     let (_, stats) = guest.ctl(&["balloon-stats"])?;

@@ -18,6 +18,8 @@ mod dimms;
 mod errors;
 mod plan;
 mod progress;
+#[cfg(test)]
+mod tests_service;
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
