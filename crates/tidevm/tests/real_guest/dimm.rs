@@ -278,7 +278,7 @@ fn reboot_and_refused_eject(lane: &Lane) -> Result<()> {
     finish(&guest)
 }
 
-fn memory_status(guest: &Guest) -> Result<MemoryStatus> {
+pub(crate) fn memory_status(guest: &Guest) -> Result<MemoryStatus> {
     let (rc, out) = guest.ctl(&["memory"])?;
     check(rc == 0, guest, format!("ctl memory failed: {out}"))?;
     serde_json::from_str(&out).map_err(|e| guest.failure(format!("bad memory JSON ({e}): {out}")))

@@ -215,8 +215,9 @@ fn main() {
     });
     let lanes = lane_count(selected.len());
     println!(
-        "real_guest: {} scenarios in {lanes} lane{}",
+        "real_guest: {} scenario{} in {lanes} lane{}",
         selected.len(),
+        if selected.len() == 1 { "" } else { "s" },
         if lanes == 1 { "" } else { "s side by side" }
     );
     let queue = Queue {
