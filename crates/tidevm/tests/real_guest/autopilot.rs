@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use tidevm_testlane::{GuestOptions, Lane, Result};
+use tidevm_testlane::{Guest, GuestOptions, Lane, Result};
 
 use tidevm_api::DimmState;
 
@@ -19,6 +19,43 @@ pub const SCENARIOS: &[(&str, Scenario)] = &[
     ("autopilot_follows_a_ramp", follows_a_ramp),
     ("autopilot_adds_and_ejects_a_dimm", adds_and_ejects_a_dimm),
 ];
+
+/// What the `memphase` workload left: its "done" line (empty if it never finished), the last
+/// lines of its log, and the guest's count of OOM messages.
+struct Memphase {
+    done: String,
+    log: String,
+    ooms: String,
+}
+
+/// Runs `memphase PHASES` in the background in the guest and calls `sample` every 3 s while
+/// it runs (for at most 10 minutes), so the host can watch the guest meanwhile.
+fn run_memphase(
+    guest: &Guest,
+    phases: &str,
+    mut sample: impl FnMut() -> Result<()>,
+) -> Result<Memphase> {
+    guest.run(
+        &format!("(memphase {phases} > /tmp/memphase.log 2>&1 &)"),
+        CMD,
+    )?;
+    let started = Instant::now();
+    let mut done = String::new();
+    while started.elapsed() < Duration::from_secs(600) {
+        std::thread::sleep(Duration::from_secs(3));
+        sample()?;
+        done = guest.run("grep 'memphase done' /tmp/memphase.log || true", CMD)?;
+        if done.contains("memphase done") {
+            break;
+        }
+    }
+    let log = guest.run("tail -3 /tmp/memphase.log", CMD)?;
+    let ooms = guest.run(
+        "dmesg | grep -ciE 'out of memory|killed process' || true",
+        CMD,
+    )?;
+    Ok(Memphase { done, log, ooms })
+}
 
 fn follows_a_ramp(lane: &Lane) -> Result<()> {
     let guest = lane.boot_guest(&GuestOptions {
@@ -41,28 +78,15 @@ fn follows_a_ramp(lane: &Lane) -> Result<()> {
     let boot_total = mem_total_kib(&guest)?;
     let rss_ready = guest.vmm_rss_kib()?;
     // The workload runs in the background; the host watches MemTotal and RSS meanwhile.
-    guest.run(
-        "(memphase ramp:1536:20 hold:15 release idle:5 > /tmp/memphase.log 2>&1 &)",
-        CMD,
-    )?;
     let started = Instant::now();
     let mut peak_total = boot_total;
     let mut peak_rss = rss_ready;
-    let mut done = String::new();
-    while started.elapsed() < Duration::from_secs(600) {
-        std::thread::sleep(Duration::from_secs(3));
-        peak_total = peak_total.max(mem_total_kib(&guest)?);
-        peak_rss = peak_rss.max(guest.vmm_rss_kib()?);
-        done = guest.run("grep 'memphase done' /tmp/memphase.log || true", CMD)?;
-        if done.contains("memphase done") {
-            break;
-        }
-    }
-    let log = guest.run("tail -3 /tmp/memphase.log", CMD)?;
-    let ooms = guest.run(
-        "dmesg | grep -ciE 'out of memory|killed process' || true",
-        CMD,
-    )?;
+    let Memphase { done, log, ooms } =
+        run_memphase(&guest, "ramp:1536:20 hold:15 release idle:5", || {
+            peak_total = peak_total.max(mem_total_kib(&guest)?);
+            peak_rss = peak_rss.max(guest.vmm_rss_kib()?);
+            Ok(())
+        })?;
     eprintln!(
         "autopilot: MemTotal {boot_total} KiB at boot, peak {peak_total} KiB; RSS {} MiB \
          ready, peak {} MiB; memphase: {}",
@@ -147,37 +171,24 @@ fn adds_and_ejects_a_dimm(lane: &Lane) -> Result<()> {
     guest.wait_ready(BOOT)?;
     let boot_total = mem_total_kib(&guest)?;
     let rss_ready = guest.vmm_rss_kib()?;
-    guest.run(
-        "(memphase ramp:1536:20 hold:20 release idle:5 > /tmp/memphase.log 2>&1 &)",
-        CMD,
-    )?;
     let started = Instant::now();
     let mut peak_total = boot_total;
     let mut peak_dimms = Vec::new();
-    let mut done = String::new();
-    while started.elapsed() < Duration::from_secs(600) {
-        std::thread::sleep(Duration::from_secs(3));
-        peak_total = peak_total.max(mem_total_kib(&guest)?);
-        let status = memory_status(&guest)?;
-        let active: Vec<_> = status
-            .dimms
-            .iter()
-            .filter(|d| d.state == DimmState::Active)
-            .map(|d| (d.id.clone(), d.size >> 20))
-            .collect();
-        if active.len() > peak_dimms.len() {
-            peak_dimms = active;
-        }
-        done = guest.run("grep 'memphase done' /tmp/memphase.log || true", CMD)?;
-        if done.contains("memphase done") {
-            break;
-        }
-    }
-    let log = guest.run("tail -3 /tmp/memphase.log", CMD)?;
-    let ooms = guest.run(
-        "dmesg | grep -ciE 'out of memory|killed process' || true",
-        CMD,
-    )?;
+    let Memphase { done, log, ooms } =
+        run_memphase(&guest, "ramp:1536:20 hold:20 release idle:5", || {
+            peak_total = peak_total.max(mem_total_kib(&guest)?);
+            let status = memory_status(&guest)?;
+            let active: Vec<_> = status
+                .dimms
+                .iter()
+                .filter(|d| d.state == DimmState::Active)
+                .map(|d| (d.id.clone(), d.size >> 20))
+                .collect();
+            if active.len() > peak_dimms.len() {
+                peak_dimms = active;
+            }
+            Ok(())
+        })?;
     eprintln!(
         "autopilot with DIMMs: MemTotal {boot_total} KiB at boot, peak {peak_total} KiB; \
          active DIMMs at the peak (id, MiB): {peak_dimms:?}; memphase: {}",
